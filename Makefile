@@ -1,0 +1,30 @@
+# spikeops: `make setup` then `make test`. Everything goes into the project-local .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: setup test bench build clean
+
+setup: $(VENV)/.deps
+	$(MAKE) build
+
+# torch is pinned to the CPU build (requirements-cpu.txt); SpikingJelly is installed without
+# its dependencies so that it cannot pull a CUDA torch in.
+$(VENV)/.deps: requirements-cpu.txt requirements-bench.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements-cpu.txt -r requirements-bench.txt
+	$(PIP) install -q --no-deps spikingjelly==2.0.0
+	touch $@
+
+build:
+	MAX_JOBS=2 $(PIP) install -q --no-build-isolation --no-deps -e .
+
+test:
+	$(PY) -m pytest -q tests
+
+bench:
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build *.egg-info spikeops/_C*.so $(VENV)

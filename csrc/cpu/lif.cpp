@@ -1,0 +1,217 @@
+// Fused multi-step LIF on the CPU: one call runs all T steps (forward) or all T steps in
+// reverse (backward). The math is documented in spikeops/ops/lif.py; it must equal
+// spikeops/reference.py bit for bit for spikes, so the update is written in the same order
+// (H = V + (X - (V - v_reset)) / tau) and compiled without FMA contraction.
+//
+// Layout: x is [T, N] contiguous. Neurons are split across threads (at::parallel_for) and,
+// inside a thread, into chunks of kChunk neurons whose membrane potential stays in a small
+// stack array while the chunk walks over T. The per-step loops are plain float loops that
+// GCC vectorises; target_clones compiles them for AVX-512, AVX2 and baseline x86-64 and
+// picks one at load time, so the extension runs on any x86-64 CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../ops.h"
+#include "simd_math.h"
+
+namespace spikeops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 512;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPIKEOPS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SPIKEOPS_SIMD_CLONES
+#endif
+
+struct LifConsts {
+  float tau, v_threshold, v_reset;
+};
+
+template <bool kHard, bool kDecayInput>
+static inline __attribute__((always_inline)) void step_forward_impl(
+    const float* __restrict x, float* __restrict v, float* __restrict s,
+    float* __restrict h, int64_t n, LifConsts c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float vi = v[i];
+    const float hi = kDecayInput ? vi + (x[i] - (vi - c.v_reset)) / c.tau
+                                 : vi - (vi - c.v_reset) / c.tau + x[i];
+    const bool fire = (hi - c.v_threshold) >= 0.0f;
+    s[i] = fire ? 1.0f : 0.0f;
+    h[i] = hi;
+    v[i] = kHard ? (fire ? c.v_reset : hi) : (fire ? hi - c.v_threshold : hi);
+  }
+}
+
+SPIKEOPS_SIMD_CLONES
+void step_forward(const float* x, float* v, float* s, float* h, int64_t n, LifConsts c,
+                  bool hard, bool decay_input) {
+  if (hard) {
+    decay_input ? step_forward_impl<true, true>(x, v, s, h, n, c)
+                : step_forward_impl<true, false>(x, v, s, h, n, c);
+  } else {
+    decay_input ? step_forward_impl<false, true>(x, v, s, h, n, c)
+                : step_forward_impl<false, false>(x, v, s, h, n, c);
+  }
+}
+
+// Surrogate dS/dH at d = H - v_threshold.
+//   sigmoid: alpha * e / (1 + e)^2 with e = exp(-|alpha d|)  (= alpha sig(alpha d)(1 - sig(alpha d)))
+//   atan:    alpha / 2 / (1 + (pi/2 alpha d)^2)
+template <int64_t kSurrogate>
+static inline __attribute__((always_inline)) float surrogate_grad(float d, float alpha) {
+  if (kSurrogate == kSigmoid) {
+    const float z = alpha * d;
+    const float e = exp_approx(z < 0.0f ? z : -z);
+    const float one_e = 1.0f + e;
+    return alpha * e / (one_e * one_e);
+  } else {
+    const float z = 1.57079632679489662f * alpha * d;
+    return alpha / 2.0f / (1.0f + z * z);
+  }
+}
+
+template <bool kHard, bool kDetach, int64_t kSurrogate>
+static inline __attribute__((always_inline)) void step_backward_impl(
+    const float* __restrict gs, const float* __restrict h, float* __restrict gv,
+    float* __restrict gx, int64_t n, LifConsts c, float alpha, bool decay_input) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float hi = h[i];
+    const float d = hi - c.v_threshold;
+    const float fire = d >= 0.0f ? 1.0f : 0.0f;
+    const float sg = surrogate_grad<kSurrogate>(d, alpha);
+    float dv_dh;
+    if (kHard) {
+      dv_dh = kDetach ? 1.0f - fire : (1.0f - fire) + (c.v_reset - hi) * sg;
+    } else {
+      dv_dh = kDetach ? 1.0f : 1.0f - c.v_threshold * sg;
+    }
+    const float gh = gs[i] * sg + gv[i] * dv_dh;
+    gx[i] = decay_input ? gh / c.tau : gh;
+    gv[i] = gh - gh / c.tau;
+  }
+}
+
+SPIKEOPS_SIMD_CLONES
+void step_backward(const float* gs, const float* h, float* gv, float* gx, int64_t n,
+                   LifConsts c, float alpha, bool hard, bool detach, int64_t surrogate,
+                   bool decay_input) {
+#define SPIKEOPS_BWD(H, D, S) step_backward_impl<H, D, S>(gs, h, gv, gx, n, c, alpha, decay_input)
+  if (surrogate == kSigmoid) {
+    if (hard) { detach ? SPIKEOPS_BWD(true, true, kSigmoid) : SPIKEOPS_BWD(true, false, kSigmoid); }
+    else { detach ? SPIKEOPS_BWD(false, true, kSigmoid) : SPIKEOPS_BWD(false, false, kSigmoid); }
+  } else {
+    if (hard) { detach ? SPIKEOPS_BWD(true, true, kATan) : SPIKEOPS_BWD(true, false, kATan); }
+    else { detach ? SPIKEOPS_BWD(false, true, kATan) : SPIKEOPS_BWD(false, false, kATan); }
+  }
+#undef SPIKEOPS_BWD
+}
+
+// Reads n values of type scalar_t as floats: a pointer into the tensor for fp32, else a
+// conversion into buf.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+inline float* float_out(scalar_t* dst, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+inline void store_from_float(scalar_t* dst, const float* src, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+constexpr int64_t kGrain = 4 * kChunk;
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lif_forward(
+    const at::Tensor& x, double tau, double v_threshold, double v_reset,
+    bool hard_reset, bool decay_input, bool save_h) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lif_forward: x must be contiguous [T, N]");
+  const int64_t T = x.size(0), N = x.size(1);
+  auto spikes = at::empty_like(x);
+  auto h = save_h ? at::empty({T, N}, x.options().dtype(at::kFloat))
+                  : at::empty({0}, x.options().dtype(at::kFloat));
+  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold),
+                    static_cast<float>(hard_reset ? v_reset : 0.0)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* sp = spikes.mutable_data_ptr<scalar_t>();
+    float* hp = save_h ? h.mutable_data_ptr<float>() : nullptr;
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      float v[kChunk], xbuf[kChunk], sbuf[kChunk], hbuf[kChunk];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, end - c0);
+        std::fill(v, v + n, c.v_reset);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t off = t * N + c0;
+          float* s_out = float_out(sp + off, sbuf);
+          step_forward(as_float(xp + off, xbuf, n), v, s_out, hp ? hp + off : hbuf, n, c,
+                       hard_reset, decay_input);
+          store_from_float(sp + off, s_out, n);
+        }
+      }
+    });
+  });
+  return {spikes, h};
+}
+
+at::Tensor lif_backward(
+    const at::Tensor& grad_spikes, const at::Tensor& h, double tau, double v_threshold,
+    double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
+    int64_t surrogate, double alpha) {
+  TORCH_CHECK(grad_spikes.dim() == 2 && grad_spikes.is_contiguous(),
+              "lif_backward: grad_spikes must be contiguous [T, N]");
+  TORCH_CHECK(h.sizes() == grad_spikes.sizes() && h.scalar_type() == at::kFloat && h.is_contiguous(),
+              "lif_backward: h must be contiguous fp32 with grad_spikes' shape");
+  TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, "lif_backward: unknown surrogate id");
+  const int64_t T = grad_spikes.size(0), N = grad_spikes.size(1);
+  auto grad_x = at::empty_like(grad_spikes);
+  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold),
+                    static_cast<float>(hard_reset ? v_reset : 0.0)};
+  const float a = static_cast<float>(alpha);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward", [&] {
+    const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    const float* hp = h.const_data_ptr<float>();
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      float gv[kChunk], gsbuf[kChunk], gxbuf[kChunk];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, end - c0);
+        std::fill(gv, gv + n, 0.0f);
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t off = t * N + c0;
+          float* gx_out = float_out(gxp + off, gxbuf);
+          step_backward(as_float(gsp + off, gsbuf, n), hp + off, gv, gx_out, n, c, a,
+                        hard_reset, detach_reset, surrogate, decay_input);
+          store_from_float(gxp + off, gx_out, n);
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+}  // namespace cpu
+}  // namespace spikeops

@@ -1,0 +1,11 @@
+// Python bindings of the CPU kernels: spikeops._C. The autograd wrappers, validation and
+// torch.library registration live in spikeops/ops/; this module only exposes raw kernels.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "spikeops CPU kernels (raw; call through spikeops, which validates inputs)";
+  m.def("lif_forward", &spikeops::cpu::lif_forward, "fused multi-step LIF forward");
+  m.def("lif_backward", &spikeops::cpu::lif_backward, "fused multi-step LIF backward");
+}

@@ -1,0 +1,26 @@
+// Declarations of the CPU kernels exported by spikeops._C (bound in csrc/module.cpp).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <tuple>
+
+namespace spikeops {
+namespace cpu {
+
+// Surrogate-gradient ids shared with spikeops/ops/lif.py (SURROGATE_IDS).
+enum Surrogate : int64_t { kSigmoid = 0, kATan = 1 };
+
+// x: [T, N] contiguous fp32/fp16/bf16. Returns (spikes [T, N] in x's dtype,
+// h [T, N] fp32 when save_h else an empty fp32 tensor).
+std::tuple<at::Tensor, at::Tensor> lif_forward(
+    const at::Tensor& x, double tau, double v_threshold, double v_reset,
+    bool hard_reset, bool decay_input, bool save_h);
+
+// grad_spikes: [T, N] (any float dtype), h: [T, N] fp32 from lif_forward.
+// Returns grad_x [T, N] in grad_spikes' dtype.
+at::Tensor lif_backward(
+    const at::Tensor& grad_spikes, const at::Tensor& h, double tau, double v_threshold,
+    double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
+    int64_t surrogate, double alpha);
+
+}  // namespace cpu
+}  // namespace spikeops

@@ -1,0 +1,53 @@
+"""Build spikeops: the Python package plus the C++ CPU extension ``spikeops._C``.
+
+Build against the torch that is already installed (``pip install -e . --no-build-isolation``).
+The CPU kernels are compiled for baseline x86-64 (no ``-march=native``) and pick wider SIMD at
+run time (GCC function multiversioning), so one build runs on any x86-64 machine.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError as exc:  # pragma: no cover - explained to the user
+    raise SystemExit(
+        "spikeops builds against an installed torch: install torch first, then run "
+        "`pip install -e . --no-build-isolation` (or `make setup`)."
+    ) from exc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+cxx_flags = [
+    "-O3",
+    "-std=c++17",
+    "-fopenmp",
+    # Spikes must equal the reference bit for bit: no FMA contraction, no fast-math.
+    "-ffp-contract=off",
+    "-fno-fast-math",
+]
+
+ext_modules = [
+    CppExtension(
+        name="spikeops._C",
+        sources=sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+setup(
+    name="spikeops",
+    version="0.1.0",
+    description="Fused kernels for spiking vision transformers (LIF, spike attention, masked conv)",
+    packages=["spikeops", "spikeops.ops", "spikeops.triton", "spikeops.nn", "spikeops.models"],
+    package_dir={"spikeops.models": "models"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={"triton": ["triton>=3.2"], "bench": ["spikingjelly==2.0.0"]},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

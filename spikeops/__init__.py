@@ -1,0 +1,16 @@
+"""spikeops: fused kernels for spiking vision transformers.
+
+Quick start::
+
+    import torch, spikeops
+    x = torch.randn(4, 32, 384, 14, 14, requires_grad=True)   # [T, B, C, H, W]
+    s = spikeops.lif(x)                                         # spikes, same shape
+    s.sum().backward()
+    neuron = spikeops.nn.LIF(tau=2.0, detach_reset=True)        # drop-in for LIFNode(step_mode="m")
+"""
+from spikeops import backend, nn, reference
+from spikeops.convert import convert
+from spikeops.ops import lif
+
+__version__ = "0.1.0"
+__all__ = ["lif", "nn", "convert", "backend", "reference", "__version__"]

@@ -1,0 +1,111 @@
+"""The one place that picks an implementation for an op.
+
+Every op in spikeops has up to three implementations that must agree:
+
+========  ==========================================  =====================================
+backend   what runs                                    when ``backend="auto"`` picks it
+========  ==========================================  =====================================
+torch     :mod:`spikeops.reference` (plain PyTorch,   float64 inputs; devices or ops with no
+          autograd through the loop; ground truth)     kernel; a missing build
+cpp       C++ kernels in ``spikeops._C`` (OpenMP,      CPU tensors (fp32 / fp16 / bf16)
+          SIMD picked at run time)
+triton    Triton kernels in :mod:`spikeops.triton`     CUDA tensors (fp32 / fp16 / bf16)
+========  ==========================================  =====================================
+
+``TRITON_INTERPRET=1`` (read once, at import, as Triton itself does) lets the Triton kernels
+run on CPU tensors through Triton's interpreter; the test suite uses it on small shapes.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+try:
+    from spikeops import _C as _cpp
+except ImportError as _exc:  # the package imports without a build; "auto" then uses torch
+    _cpp = None
+    _CPP_IMPORT_ERROR = str(_exc)
+else:
+    _CPP_IMPORT_ERROR = ""
+
+
+def cpp_available() -> bool:
+    """True when the C++ extension ``spikeops._C`` is built and importable."""
+    return _cpp is not None
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when Triton can run kernels on tensors of ``device`` (CUDA, or CPU under the interpreter)."""
+    if not TRITON_INSTALLED:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET)
+
+
+def resolve(tensor: torch.Tensor, backend: str = "auto") -> str:
+    """Return the backend (``"cpp"``, ``"triton"`` or ``"torch"``) that runs an op on ``tensor``.
+
+    Raises ``ValueError`` for an unknown backend or one that cannot run on ``tensor``'s device,
+    ``TypeError`` for a dtype the forced backend has no kernel for, ``RuntimeError`` when the
+    forced backend is not installed/built.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device, dtype = tensor.device, tensor.dtype
+    if backend == "auto":
+        if dtype not in KERNEL_DTYPES:
+            return "torch"
+        if device.type == "cuda":
+            return "triton" if TRITON_INSTALLED else "torch"
+        if device.type == "cpu":
+            return "cpp" if cpp_available() else "torch"
+        return "torch"
+    if backend == "torch":
+        return backend
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"backend={backend!r} has kernels for float32, float16 and bfloat16, got {dtype}; "
+            "use backend='torch' (or 'auto') for float64"
+        )
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(
+                f"backend='cpp' runs on CPU tensors, got a tensor on {device}; "
+                "use backend='auto' or 'triton' for CUDA tensors"
+            )
+        if not cpp_available():
+            raise RuntimeError(
+                "backend='cpp' needs the C++ extension spikeops._C, which is not built "
+                f"({_CPP_IMPORT_ERROR}); run `make setup` or `pip install -e . --no-build-isolation`"
+            )
+        return backend
+    # backend == "triton"
+    if not TRITON_INSTALLED:
+        raise RuntimeError("backend='triton' needs the triton package: pip install 'triton>=3.2'")
+    if not triton_available(device):
+        raise ValueError(
+            f"backend='triton' runs on CUDA tensors, got a tensor on {device}; move it to a GPU, "
+            "or set TRITON_INTERPRET=1 before importing spikeops to run Triton's interpreter on CPU"
+        )
+    return backend
+
+
+def kernel(op: str, direction: str, backend: str):
+    """The raw kernel ``direction`` (``"forward"``/``"backward"``) of ``op`` on ``backend``.
+
+    C++ kernels are ``spikeops._C.<op>_<direction>``; Triton kernels are
+    ``spikeops.triton.<op>.<direction>``. Both take the same arguments.
+    """
+    if backend == "cpp":
+        return getattr(_cpp, f"{op}_{direction}")
+    if backend == "triton":
+        return getattr(importlib.import_module(f"spikeops.triton.{op}"), direction)
+    raise ValueError(f"no raw kernel for backend {backend!r}")

@@ -1,0 +1,180 @@
+r"""Fused multi-step LIF neuron: ``spikeops.lif``.
+
+For input ``X [T, ...]`` and every neuron independently, with ``r = v_reset`` (hard reset) or
+``r = 0`` (soft reset, ``v_reset=None``) and ``V[-1] = r``:
+
+.. math::
+
+    H_t &= V_{t-1} + (X_t - (V_{t-1} - r)) / \tau      &\text{(decay\_input=True)} \\
+    H_t &= V_{t-1} - (V_{t-1} - r) / \tau + X_t        &\text{(decay\_input=False)} \\
+    S_t &= \Theta(H_t - v_{th}) \quad (1 \text{ at exactly } 0) \\
+    V_t &= H_t (1 - S_t) + r S_t \;\text{(hard)} \qquad V_t = H_t - v_{th} S_t \;\text{(soft)}
+
+Backward uses the surrogate :math:`\sigma'(H_t - v_{th})` for :math:`\partial S_t/\partial H_t`
+(``spikeops.reference.surrogate_grad``); with ``detach_reset`` the reset does not carry gradient.
+Walking t = T-1 .. 0 with :math:`g_V = 0` at the end:
+
+.. math::
+
+    g_H &= g_{S_t} \sigma' + g_V \, \partial V_t/\partial H_t, \qquad
+    g_{X_t} = g_H / \tau \;(\text{or } g_H), \qquad g_V \leftarrow g_H - g_H/\tau
+
+The kernels run all T steps in one launch (forward) and one launch (backward) and save only
+H (one float32 per neuron per step) for backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from spikeops import backend as _backend
+from spikeops import reference
+from spikeops._validation import (
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_positive,
+    check_time_major,
+)
+
+SURROGATE_IDS = {"sigmoid": 0, "atan": 1}  # shared with csrc/ops.h and spikeops/triton/lif.py
+
+
+@torch.library.custom_op("spikeops::lif_forward", mutates_args=())
+def _lif_forward(
+    x: torch.Tensor,
+    tau: float,
+    v_threshold: float,
+    v_reset: float,
+    hard_reset: bool,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate: int,
+    alpha: float,
+    save_h: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] contiguous -> (spikes [T, N] x.dtype, H [T, N] float32, or [0] if not save_h)."""
+    fwd = _backend.kernel("lif", "forward", backend)
+    return fwd(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h)
+
+
+@_lif_forward.register_fake
+def _(x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, save_h, backend):
+    h_shape = x.shape if save_h else (0,)
+    return torch.empty_like(x), x.new_empty(h_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("spikeops::lif_backward", mutates_args=())
+def _lif_backward(
+    grad_spikes: torch.Tensor,
+    h: torch.Tensor,
+    tau: float,
+    v_threshold: float,
+    v_reset: float,
+    hard_reset: bool,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate: int,
+    alpha: float,
+    backend: str,
+) -> torch.Tensor:
+    """grad_spikes [T, N], H [T, N] float32 -> grad_x [T, N] in grad_spikes' dtype."""
+    bwd = _backend.kernel("lif", "backward", backend)
+    return bwd(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha)
+
+
+@_lif_backward.register_fake
+def _(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, backend):
+    return torch.empty_like(grad_spikes)
+
+
+def _setup_context(ctx, inputs, output):
+    (_, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, save_h, backend) = inputs
+    ctx.save_for_backward(output[1])
+    ctx.params = (tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_spikes, _grad_h):
+    (h,) = ctx.saved_tensors
+    if h.numel() == 0:
+        raise RuntimeError(
+            "spikeops.lif: backward through a forward that ran without grad enabled for x_seq; "
+            "call it with x_seq.requires_grad=True under torch.enable_grad()"
+        )
+    grad_x = _lif_backward(grad_spikes.contiguous(), h, *ctx.params, ctx.backend)
+    return (grad_x,) + (None,) * 10
+
+
+torch.library.register_autograd("spikeops::lif_forward", _backward, setup_context=_setup_context)
+
+
+def lif_params(tau, v_threshold, v_reset, surrogate, alpha):
+    """Check the neuron's settings; returns (tau, v_threshold, v_reset, alpha) as floats."""
+    tau = check_finite("tau", tau)
+    if tau <= 1.0:
+        raise ValueError(f"tau must be > 1 (the leak factor 1 - 1/tau must lie in [0, 1)), got {tau}")
+    v_threshold = check_finite("v_threshold", v_threshold)
+    if v_reset is not None:
+        v_reset = check_finite("v_reset", v_reset)
+    check_choice("surrogate", surrogate, reference.SURROGATES)
+    alpha = reference.DEFAULT_ALPHA[surrogate] if alpha is None else check_positive("alpha", alpha)
+    return tau, v_threshold, v_reset, alpha
+
+
+def lif(
+    x_seq: torch.Tensor,
+    tau: float = 2.0,
+    v_threshold: float = 1.0,
+    v_reset: Optional[float] = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = True,
+    surrogate: str = "sigmoid",
+    alpha: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-step leaky integrate-and-fire neuron over the leading time axis.
+
+    Args:
+        x_seq: input current ``[T, ...]`` (any trailing shape), float32/float16/bfloat16/float64.
+            Non-contiguous input is copied to a contiguous one.
+        tau: membrane time constant, > 1.
+        v_threshold: firing threshold.
+        v_reset: hard-reset potential, or ``None`` for soft reset (subtract ``v_threshold``).
+        decay_input: whether the input is divided by ``tau`` (SpikingJelly's ``decay_input``).
+        detach_reset: cut the gradient through the reset.
+        surrogate: ``"sigmoid"`` (alpha 4.0) or ``"atan"`` (alpha 2.0), SpikingJelly's formulas.
+        alpha: surrogate sharpness; ``None`` picks the default above.
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"torch"`` (see :mod:`spikeops.backend`).
+
+    Returns:
+        spikes ``[T, ...]`` of 0./1. in ``x_seq``'s dtype. The membrane state is float32
+        (float64 for float64 input) whatever the input dtype.
+    """
+    check_float_tensor("x_seq", x_seq)
+    check_time_major("x_seq", x_seq)
+    tau, v_threshold, v_reset, alpha = lif_params(tau, v_threshold, v_reset, surrogate, alpha)
+    chosen = _backend.resolve(x_seq, backend)
+
+    if chosen == "torch":
+        return reference.lif(x_seq, tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha)
+
+    x2d = x_seq.contiguous().view(x_seq.shape[0], -1)
+    save_h = torch.is_grad_enabled() and x_seq.requires_grad
+    spikes, _ = _lif_forward(
+        x2d,
+        tau,
+        v_threshold,
+        0.0 if v_reset is None else v_reset,
+        v_reset is not None,
+        bool(decay_input),
+        bool(detach_reset),
+        SURROGATE_IDS[surrogate],
+        alpha,
+        save_h,
+        chosen,
+    )
+    return spikes.view(x_seq.shape)

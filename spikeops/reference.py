@@ -1,0 +1,82 @@
+"""Plain-PyTorch ground truth for every spikeops op.
+
+These functions are the specification: the C++ and Triton kernels must give the same spikes
+bit for bit (in float32) and the same gradients to tight tolerances. They run on any device and
+in float64 (for ``gradcheck``), and are differentiated by ordinary autograd. ``backend="torch"``
+runs them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+SURROGATES = ("sigmoid", "atan")
+DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0}
+
+
+def surrogate_grad(d: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
+    """dS/dH of the spike S = Heaviside(d), d = H - v_threshold (SpikingJelly's formulas).
+
+    sigmoid: ``alpha * sig(alpha d) * (1 - sig(alpha d))``, written as
+    ``alpha * e / (1 + e)^2`` with ``e = exp(-|alpha d|)`` (same value, no cancellation);
+    atan: ``alpha / 2 / (1 + (pi/2 * alpha * d)^2)``.
+    """
+    if surrogate == "sigmoid":
+        e = torch.exp(-(alpha * d).abs())
+        return alpha * e / ((1.0 + e) * (1.0 + e))
+    if surrogate == "atan":
+        return alpha / 2.0 / (1.0 + (math.pi / 2.0 * alpha * d) ** 2)
+    raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+
+
+class _Heaviside(torch.autograd.Function):
+    """S = (d >= 0) forward; surrogate gradient backward."""
+
+    @staticmethod
+    def forward(ctx, d, surrogate, alpha):
+        ctx.save_for_backward(d)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        return (d >= 0).to(d.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return grad * surrogate_grad(d, ctx.surrogate, ctx.alpha), None, None
+
+
+def lif(
+    x_seq: torch.Tensor,
+    tau: float = 2.0,
+    v_threshold: float = 1.0,
+    v_reset: Optional[float] = 0.0,
+    decay_input: bool = True,
+    detach_reset: bool = True,
+    surrogate: str = "sigmoid",
+    alpha: Optional[float] = None,
+) -> torch.Tensor:
+    """Multi-step LIF neuron, x_seq ``[T, ...]`` -> spikes ``[T, ...]`` (x_seq's dtype, 0./1.).
+
+    State is float32 (float64 for float64 input); see :func:`spikeops.lif` for the equations.
+    """
+    if alpha is None:
+        alpha = DEFAULT_ALPHA[surrogate]
+    compute = torch.float64 if x_seq.dtype == torch.float64 else torch.float32
+    x = x_seq.to(compute)
+    r = 0.0 if v_reset is None else v_reset
+    v = torch.full_like(x[0], r)
+    spikes = []
+    for x_t in x:
+        if decay_input:
+            h = v + (x_t - (v - r)) / tau
+        else:
+            h = v - (v - r) / tau + x_t
+        s = _Heaviside.apply(h - v_threshold, surrogate, alpha)
+        s_reset = s.detach() if detach_reset else s
+        if v_reset is None:
+            v = h - s_reset * v_threshold
+        else:
+            v = s_reset * v_reset + (1.0 - s_reset) * h
+        spikes.append(s)
+    return torch.stack(spikes).to(x_seq.dtype)

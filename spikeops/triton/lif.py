@@ -1,0 +1,118 @@
+"""Fused multi-step LIF in Triton: the math is in :mod:`spikeops.ops.lif`.
+
+Each program owns BLOCK neurons and walks all T steps with the membrane potential in
+registers: forward reads X once and writes S (and H for backward) once; backward walks
+t = T-1 .. 0 reading dL/dS and H and writing dL/dX. Divisions use round-to-nearest
+(``div_rn``) so spikes equal the CPU reference bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+NUM_WARPS = 4
+SIGMOID, ATAN = 0, 1  # spikeops.ops.lif.SURROGATE_IDS
+
+
+def forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h):
+    """x [T, N] contiguous -> (spikes [T, N] in x's dtype, H [T, N] fp32 or an empty tensor)."""
+    T, N = x.shape
+    spikes = torch.empty_like(x)
+    h = torch.empty((T, N) if save_h else (0,), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, BLOCK),)
+    _lif_forward_kernel[grid](
+        x, spikes, h if save_h else spikes, T, N, float(tau), float(v_threshold),
+        float(v_reset) if hard_reset else 0.0,
+        HARD=bool(hard_reset), DECAY_INPUT=bool(decay_input), SAVE_H=bool(save_h),
+        BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return spikes, h
+
+
+def backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha):
+    """grad_spikes [T, N], H [T, N] fp32 -> grad_x [T, N] in grad_spikes' dtype."""
+    T, N = grad_spikes.shape
+    grad_x = torch.empty_like(grad_spikes)
+    grid = (triton.cdiv(N, BLOCK),)
+    _lif_backward_kernel[grid](
+        grad_spikes, h, grad_x, T, N, (T - 1) * N, float(tau), float(v_threshold),
+        float(v_reset) if hard_reset else 0.0, float(alpha),
+        HARD=bool(hard_reset), DECAY_INPUT=bool(decay_input), DETACH_RESET=bool(detach_reset),
+        SURROGATE=int(surrogate), BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return grad_x
+
+
+@triton.jit
+def _lif_forward_kernel(
+    x_ptr, s_ptr, h_ptr, T, N, tau, v_threshold, v_reset,
+    HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, SAVE_H: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    v = tl.zeros([BLOCK], dtype=tl.float32) + v_reset
+    for _ in range(T):
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if DECAY_INPUT:
+            h = v + tl.math.div_rn(x - (v - v_reset), tl.zeros_like(v) + tau)
+        else:
+            h = v - tl.math.div_rn(v - v_reset, tl.zeros_like(v) + tau) + x
+        fire = (h - v_threshold) >= 0.0
+        tl.store(s_ptr + offs, fire.to(s_ptr.dtype.element_ty), mask=mask)
+        if SAVE_H:
+            tl.store(h_ptr + offs, h, mask=mask)
+            h_ptr += N
+        if HARD:
+            v = tl.where(fire, v_reset, h)
+        else:
+            v = tl.where(fire, h - v_threshold, h)
+        x_ptr += N
+        s_ptr += N
+
+
+@triton.jit
+def _lif_backward_kernel(
+    gs_ptr, h_ptr, gx_ptr, T, N, last_offset, tau, v_threshold, v_reset, alpha,
+    HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gs_ptr += last_offset
+    h_ptr += last_offset
+    gx_ptr += last_offset
+    tau_v = tl.zeros([BLOCK], dtype=tl.float32) + tau
+    gv = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(T):
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+        gs = tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = h - v_threshold
+        fire = tl.where(d >= 0.0, 1.0, 0.0)
+        if SURROGATE == SIGMOID:
+            e = tl.exp(-tl.abs(alpha * d))
+            sg = alpha * e / ((1.0 + e) * (1.0 + e))
+        else:
+            z = 1.5707963267948966 * alpha * d
+            sg = alpha / 2.0 / (1.0 + z * z)
+        if HARD:
+            if DETACH_RESET:
+                dv_dh = 1.0 - fire
+            else:
+                dv_dh = (1.0 - fire) + (v_reset - h) * sg
+        else:
+            if DETACH_RESET:
+                dv_dh = tl.zeros_like(h) + 1.0
+            else:
+                dv_dh = 1.0 - v_threshold * sg
+        gh = gs * sg + gv * dv_dh
+        if DECAY_INPUT:
+            gx = tl.math.div_rn(gh, tau_v)
+        else:
+            gx = gh
+        tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        gv = gh - tl.math.div_rn(gh, tau_v)
+        gs_ptr -= N
+        h_ptr -= N
+        gx_ptr -= N
