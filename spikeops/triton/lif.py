@@ -60,7 +60,7 @@ def _lif_forward_kernel(
         else:
             h = v - tl.math.div_rn(v - v_reset, tl.zeros_like(v) + tau) + x
         fire = (h - v_threshold) >= 0.0
-        tl.store(s_ptr + offs, fire.to(s_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + offs, tl.where(fire, 1.0, 0.0).to(s_ptr.dtype.element_ty), mask=mask)
         if SAVE_H:
             tl.store(h_ptr + offs, h, mask=mask)
             h_ptr += N

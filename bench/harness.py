@@ -1,0 +1,146 @@
+"""Small shared harness for the spikeops benchmarks.
+
+* :func:`time_ms` - wall time of one call in milliseconds, after warm-up, ``repeats`` times
+  (``time.perf_counter`` on CPU; CUDA events after a synchronize on CUDA). Report the median.
+* :func:`saved_bytes` - bytes that autograd keeps for backward after one forward call:
+  a ``saved_tensors_hooks`` pack hook sums ``untyped_storage().nbytes()`` over the *distinct*
+  storages (by data pointer) of the tensors saved, so several views of one buffer count once.
+* :func:`machine_info`, :func:`markdown_table`, :func:`write_json` and the command-line flags
+  shared by every ``bench_*`` module (:func:`add_common_args`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags every bench module understands (``bench.run`` passes its argv to each)."""
+    parser.add_argument("--shapes", default="all",
+                        help="comma-separated shape names (e.g. 'main' or 'small,main'), or 'all'")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="timed calls per fast implementation (slow ones get a quarter, >= 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="'all' = CPU, plus CUDA when available")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    return parser
+
+
+def devices(choice: str) -> list[torch.device]:
+    """The devices to benchmark for ``--device``; asking for CUDA without one exits."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch.cuda.is_available() is False")
+    out = [torch.device("cpu")] if choice in ("all", "cpu") else []
+    if choice in ("all", "cuda") and torch.cuda.is_available():
+        out.append(torch.device("cuda"))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Times of ``repeats`` calls of ``fn`` in ms, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def saved_bytes(fn: Callable[[], object]) -> tuple[int, int]:
+    """(bytes, number of distinct storages) saved for backward by one call of ``fn``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values()), len(seen)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def run_header(device: torch.device) -> dict:
+    """Date, command line and machine info for a results file."""
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
+        "device": str(device),
+        "machine": machine_info(device),
+    }
+
+
+def fmt(x: Optional[float], digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    return f"{x:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
