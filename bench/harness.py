@@ -27,7 +27,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags every bench module understands (``bench.run`` passes its argv to each)."""
+    """Flags every bench module understands (``bench.run`` hands them to each)."""
     parser.add_argument("--shapes", default="all",
                         help="comma-separated shape names (e.g. 'main' or 'small,main'), or 'all'")
     parser.add_argument("--repeats", type=int, default=20,
