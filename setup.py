@@ -26,6 +26,9 @@ cxx_flags = [
     # Spikes must equal the reference bit for bit: no FMA contraction, no fast-math.
     "-ffp-contract=off",
     "-fno-fast-math",
+    # FP exceptions are never inspected; without this GCC will not if-convert float compares,
+    # which keeps the surrogate/clamp loops scalar. Results are unchanged.
+    "-fno-trapping-math",
 ]
 
 ext_modules = [

@@ -22,7 +22,9 @@ detach_reset, sigmoid surrogate alpha=4):
 Ratios in the same run: each row / ``x.clone()``; spikeops' speed-up over the others; on CPU the
 issue's targets (pass/fail); and achieved bandwidth of spikeops, to compare with memory peak
 (fwd: read x, write spikes, write H fp32; bwd: read grad, read H, write grad_x).
-Results: markdown on stdout, JSON in ``bench/results/lif_<device>.json``.
+CPU timings use ``--malloc warm`` by default (freed memory is reused, no page faults; see
+:func:`bench.harness.configure_malloc`). Results: markdown on stdout, JSON in
+``bench/results/lif_<device>.json``.
 """
 from __future__ import annotations
 
@@ -86,9 +88,8 @@ def eager_lif(x_seq: torch.Tensor) -> torch.Tensor:
 class Impl:
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
-    slow: bool = False      # fewer repeats
-    backward: bool = True   # has a fwd+bwd row
-    compiled: bool = False  # torch.compile'd (set-up time reported)
+    slow: bool = False     # fewer repeats
+    backward: bool = True  # has a fwd+bwd row
 
 
 def sj_impls() -> list[Impl]:
@@ -103,7 +104,7 @@ def sj_impls() -> list[Impl]:
             return module(x)
         return fn
 
-    return [Impl(SJ, call(node), slow=True), Impl(SJ_C, call(compiled), compiled=True)]
+    return [Impl(SJ, call(node), slow=True), Impl(SJ_C, call(compiled))]
 
 
 def make_impls(x: torch.Tensor) -> list[Impl]:
@@ -116,7 +117,7 @@ def make_impls(x: torch.Tensor) -> list[Impl]:
         impls.append(Impl(f"spikeops {kernel}", lambda t: spikeops.lif(t, backend=kernel)))
     impls.append(Impl("spikeops torch", lambda t: spikeops.lif(t, backend="torch"), slow=True))
     impls.append(Impl(EAGER, eager_lif, slow=True))
-    impls.append(Impl(EAGER_C, torch.compile(eager_lif, dynamic=False), compiled=True))
+    impls.append(Impl(EAGER_C, torch.compile(eager_lif, dynamic=False)))
     if SJ_ERROR is None:
         impls += sj_impls()
     return impls
@@ -130,7 +131,7 @@ def error_string(exc: BaseException) -> str:
 def bench_impl(impl: Impl, x: torch.Tensor, args) -> dict:
     """Median fwd / fwd+bwd ms and saved bytes of one implementation on input ``x``."""
     dev = x.device
-    reps = max(3, args.repeats // 4) if impl.slow else args.repeats
+    reps = min(args.repeats, max(3, args.repeats // 4)) if impl.slow else args.repeats
     xg = x.detach().clone().requires_grad_(True)
     g = torch.randn_like(x)
 
@@ -197,9 +198,10 @@ def derived(results: dict, x: torch.Tensor) -> dict:
                           for c, v, t, ok in checks]
 
     n, es = x.numel(), x.element_size()
-    fwd_bytes, fwd_bwd_bytes = n * 2 * es, n * (es + es + 4) + n * (es + 4 + es)
+    fwd_bytes = n * (es + es)  # no_grad: read x, write spikes
+    fwd_bwd_bytes = n * (es + es + 4) + n * (es + 4 + es)  # + write H; bwd: read grad, H, write grad_x
     bw = out["bandwidth_gb_s"]
-    bw["clone"] = n * 2 * es / (clone * 1e6) if clone else None
+    bw["clone"] = n * (es + es) / (clone * 1e6) if clone else None
     bw["spikeops fwd"] = fwd_bytes / (sp["fwd_ms"] * 1e6)
     bw["spikeops fwd+bwd"] = fwd_bwd_bytes / (sp["fwd_bwd_ms"] * 1e6) if sp["fwd_bwd_ms"] else None
     return out
@@ -208,16 +210,15 @@ def derived(results: dict, x: torch.Tensor) -> dict:
 def print_shape(dev: torch.device, name: str, entry: dict) -> None:
     res, d = entry["results"], entry["derived"]
     print(f"\n## LIF on {dev} | shape {name} {entry['shape']} {entry['dtype']} "
-          f"({entry['input_mb']:.1f} MB) | {torch.get_num_threads()} threads\n")
+          f"({entry['input_mb']:.1f} MB) | {torch.get_num_threads()} threads | malloc {entry['malloc']}\n")
     rows = [[n, H.fmt(r["fwd_ms"]), H.fmt(r["fwd_vs_clone"]), H.fmt(r["fwd_bwd_ms"]),
              H.fmt(r["fwd_bwd_vs_clone"]), H.fmt(r["saved_mb"], 1), r["repeats"]] for n, r in res.items()]
     print(H.markdown_table(["implementation", "fwd ms", "fwd/clone", "fwd+bwd ms", "fwd+bwd/clone",
                             "saved MB", "repeats"], rows))
-    for n, r in res.items():
-        if r["error"]:
-            print(f"\n* {n}: ERROR {r['error']}")
-        elif r["setup_s"] is not None and n.startswith("compile("):
-            print(f"\n* {n}: set-up (compilation) {r['setup_s']:.1f} s, not timed")
+    notes = [f"* {n}: ERROR {r['error']}" if r["error"] else f"* {n}: compiled in {r['setup_s']:.1f} s (not timed)"
+             for n, r in res.items() if r["error"] or n.startswith("compile(")]
+    if notes:
+        print("\n" + "\n".join(notes))
     if d["speedups"]:
         print(f"\n{d['spikeops']} speed-up (other ms / spikeops ms):\n")
         print(H.markdown_table(["vs", "fwd", "fwd+bwd"],
@@ -225,9 +226,11 @@ def print_shape(dev: torch.device, name: str, entry: dict) -> None:
     if d["targets"]:
         print("\nIssue targets (CPU):\n")
         print(H.markdown_table(["check", "value", "target", "pass"],
-                               [[t["check"], H.fmt(t["value"]), t["target"], H.fmt(t["pass"])] for t in d["targets"]]))
+                               [[t["check"], H.fmt(t["value"]), t["target"], H.fmt(t["pass"])]
+                                for t in d["targets"]]))
     if d["bandwidth_gb_s"]:
-        print("\nAchieved bandwidth, GB/s: " + ", ".join(f"{k} {H.fmt(v, 1)}" for k, v in d["bandwidth_gb_s"].items()))
+        bw = ", ".join(f"{k} {H.fmt(v, 1)}" for k, v in d["bandwidth_gb_s"].items())
+        print(f"\nAchieved bandwidth, GB/s: {bw}")
 
 
 def sj_version() -> Optional[str]:
@@ -240,7 +243,11 @@ def sj_version() -> Optional[str]:
 def run_device(dev: torch.device, shape_names: list[str], args) -> dict:
     dtype = getattr(torch, args.dtype)
     payload = H.run_header(dev)
+    busy = payload["machine"]["other_cpu_busy"]
+    if busy is not None and busy > 0.2:
+        print(f"warning: other processes use {busy:.0%} of the CPUs; timings will be noisy")
     payload.update(benchmark="lif", dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                   malloc=args.malloc_policy,
                    neuron=dict(tau=TAU, v_threshold=V_TH, v_reset=0.0, decay_input=True, detach_reset=True,
                                surrogate="sigmoid", alpha=ALPHA),
                    spikingjelly=sj_version(), spikingjelly_error=SJ_ERROR, shapes={})
@@ -250,6 +257,7 @@ def run_device(dev: torch.device, shape_names: list[str], args) -> dict:
         x = torch.randn(SHAPES[name], generator=gen).to(dev, dtype)
         results = {impl.name: bench_impl(impl, x, args) for impl in make_impls(x)}
         entry = {"shape": list(SHAPES[name]), "dtype": args.dtype, "input_mb": x.numel() * x.element_size() / 1e6,
+                 "malloc": args.malloc_policy if dev.type == "cpu" else "cuda caching allocator",
                  "results": results}
         entry["derived"] = derived(results, x)
         payload["shapes"][name] = entry
@@ -266,6 +274,7 @@ def run(args: argparse.Namespace) -> None:
     unknown = [s for s in shape_names if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shape(s) {unknown}; choose from {list(SHAPES)} or 'all'")
+    args.malloc_policy = H.configure_malloc(args.malloc)
     if SJ_ERROR:
         print(f"SpikingJelly not importable ({SJ_ERROR}): SpikingJelly rows skipped")
     for dev in H.devices(args.device):
@@ -275,6 +284,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.bench_lif", description=__doc__.splitlines()[0])
     run(H.add_common_args(parser).parse_args(argv))
+
 
 if __name__ == "__main__":
     main()

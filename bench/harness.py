@@ -5,12 +5,20 @@
 * :func:`saved_bytes` - bytes that autograd keeps for backward after one forward call:
   a ``saved_tensors_hooks`` pack hook sums ``untyped_storage().nbytes()`` over the *distinct*
   storages (by data pointer) of the tensors saved, so several views of one buffer count once.
+* :func:`configure_malloc` - makes CPU timings repeatable. A fresh 38.5 MB tensor from glibc is
+  either new mmap'd pages (a page fault per 4 KiB: ``x.clone()`` ~6x slower than ``copy_``) or
+  reused heap, depending on the allocation history, so row timings flip between the two.
+  ``--malloc warm`` (default) keeps freed memory in the heap (like CUDA's caching allocator):
+  timings are the kernels'; ``cold`` makes every tensor >= 128 KiB fresh pages; ``default``
+  leaves glibc alone.
 * :func:`machine_info`, :func:`markdown_table`, :func:`write_json` and the command-line flags
   shared by every ``bench_*`` module (:func:`add_common_args`).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import json
 import os
@@ -35,6 +43,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                         help="'all' = CPU, plus CUDA when available")
+    parser.add_argument("--malloc", choices=("warm", "cold", "default"), default="warm",
+                        help="CPU allocator policy (see configure_malloc); warm = reuse freed memory")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     return parser
 
@@ -47,6 +57,22 @@ def devices(choice: str) -> list[torch.device]:
     if choice in ("all", "cuda") and torch.cuda.is_available():
         out.append(torch.device("cuda"))
     return out
+
+
+def configure_malloc(mode: str) -> str:
+    """Set glibc's malloc policy for this process (see the module docstring); returns what was set."""
+    if mode == "default":
+        return "default"
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return f"default (no glibc mallopt for --malloc {mode})"
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    if mode == "warm":
+        ok = mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    else:
+        ok = mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    return mode if ok else f"default (mallopt failed for --malloc {mode})"
 
 
 def sync(device: torch.device) -> None:
@@ -95,6 +121,21 @@ def saved_bytes(fn: Callable[[], object]) -> tuple[int, int]:
     return sum(seen.values()), len(seen)
 
 
+def other_cpu_busy(seconds: float = 0.5) -> Optional[float]:
+    """Fraction of all CPU time used by other processes during ``seconds`` of our sleep (Linux)."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1.0 - (i1 - i0) / max(t1 - t0, 1), 3)
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
@@ -103,6 +144,8 @@ def machine_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "other_cpu_busy": other_cpu_busy(),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     try:

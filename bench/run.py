@@ -19,7 +19,8 @@ def modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = harness.add_common_args(argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0]))
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
+    harness.add_common_args(parser)
     parser.add_argument("--only", default="", help="comma-separated module names without 'bench_'")
     args = parser.parse_args(argv)
     names = modules()

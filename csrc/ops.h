@@ -22,5 +22,12 @@ at::Tensor lif_backward(
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
     int64_t surrogate, double alpha);
 
+// x: [R, n] contiguous 0./1. floats -> (int64 words [R, ceil(n/64)], all values were 0 or 1).
+// Bit j of word w holds x[r, 64w + j]; padding bits are 0. The check is skipped when !check.
+std::tuple<at::Tensor, bool> pack_spikes(const at::Tensor& x, bool check);
+
+// words: [R, W] contiguous int64 -> [R, n] 0./1. of dtype.
+at::Tensor unpack_spikes(const at::Tensor& words, int64_t n, at::ScalarType dtype);
+
 }  // namespace cpu
 }  // namespace spikeops

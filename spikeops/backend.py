@@ -98,14 +98,11 @@ def resolve(tensor: torch.Tensor, backend: str = "auto") -> str:
     return backend
 
 
-def kernel(op: str, direction: str, backend: str):
-    """The raw kernel ``direction`` (``"forward"``/``"backward"``) of ``op`` on ``backend``.
-
-    C++ kernels are ``spikeops._C.<op>_<direction>``; Triton kernels are
-    ``spikeops.triton.<op>.<direction>``. Both take the same arguments.
-    """
+def kernel(op: str, fn: str, backend: str):
+    """The raw kernel ``fn`` of ``op`` on ``backend``: ``spikeops._C.<fn>`` (C++) or
+    ``spikeops.triton.<op>.<fn>`` (Triton). Both backends use the same names and arguments."""
     if backend == "cpp":
-        return getattr(_cpp, f"{op}_{direction}")
+        return getattr(_cpp, fn)
     if backend == "triton":
-        return getattr(importlib.import_module(f"spikeops.triton.{op}"), direction)
+        return getattr(importlib.import_module(f"spikeops.triton.{op}"), fn)
     raise ValueError(f"no raw kernel for backend {backend!r}")

@@ -80,3 +80,34 @@ def lif(
             v = s_reset * v_reset + (1.0 - s_reset) * h
         spikes.append(s)
     return torch.stack(spikes).to(x_seq.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Bit-packed spikes: 64 spikes per int64 word, little-endian bit order (element 64*w + j is
+# bit j of word w), zero padding up to a whole word.
+
+WORD_BITS = 64
+
+
+def is_binary(x: torch.Tensor) -> bool:
+    """True when every element of x is 0 or 1."""
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def pack_spikes(x: torch.Tensor) -> torch.Tensor:
+    """Pack 0/1 values along the last dim: ``[..., n]`` -> int64 words ``[..., ceil(n/64)]``."""
+    n = x.shape[-1]
+    words = -(-n // WORD_BITS)
+    bits = torch.zeros(*x.shape[:-1], words * WORD_BITS, dtype=torch.uint8, device=x.device)
+    bits[..., :n] = x != 0
+    weights = (1 << torch.arange(8, device=x.device)).to(torch.uint8)
+    as_bytes = (bits.view(*x.shape[:-1], words * 8, 8) * weights).sum(-1, dtype=torch.uint8)
+    return as_bytes.view(torch.int64)
+
+
+def unpack_spikes(words: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`pack_spikes`: int64 words ``[..., W]`` -> 0./1. ``[..., n]`` of ``dtype``."""
+    as_bytes = words.contiguous().view(torch.uint8)
+    shifts = torch.arange(8, device=words.device, dtype=torch.uint8)
+    bits = (as_bytes.unsqueeze(-1) >> shifts) & 1
+    return bits.view(*words.shape[:-1], -1)[..., :n].to(dtype)

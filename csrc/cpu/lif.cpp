@@ -68,7 +68,7 @@ template <int64_t kSurrogate>
 static inline __attribute__((always_inline)) float surrogate_grad(float d, float alpha) {
   if (kSurrogate == kSigmoid) {
     const float z = alpha * d;
-    const float e = exp_approx(z < 0.0f ? z : -z);
+    const float e = exp_approx(-__builtin_fabsf(z));
     const float one_e = 1.0f + e;
     return alpha * e / (one_e * one_e);
   } else {
@@ -81,11 +81,14 @@ template <bool kHard, bool kDetach, int64_t kSurrogate>
 static inline __attribute__((always_inline)) void step_backward_impl(
     const float* __restrict gs, const float* __restrict h, float* __restrict gv,
     float* __restrict gx, int64_t n, LifConsts c, float alpha, bool decay_input) {
+  // The surrogate gets a loop of its own: fused into the loop below, GCC does not vectorise it.
+  float sgbuf[kChunk];
+  for (int64_t i = 0; i < n; ++i) sgbuf[i] = surrogate_grad<kSurrogate>(h[i] - c.v_threshold, alpha);
   for (int64_t i = 0; i < n; ++i) {
     const float hi = h[i];
     const float d = hi - c.v_threshold;
     const float fire = d >= 0.0f ? 1.0f : 0.0f;
-    const float sg = surrogate_grad<kSurrogate>(d, alpha);
+    const float sg = sgbuf[i];
     float dv_dh;
     if (kHard) {
       dv_dh = kDetach ? 1.0f - fire : (1.0f - fire) + (c.v_reset - hi) * sg;

@@ -1,6 +1,7 @@
-// Branch-free float math that GCC auto-vectorises (libm's expf does not vectorise
+// Branch-free float math (no ternaries: GCC's if-conversion gives up on them) that GCC auto-vectorises (libm's expf does not vectorise
 // without -ffast-math). Accuracy: exp within ~2 ulp on [-87, 88].
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -8,9 +9,11 @@ namespace spikeops {
 namespace cpu {
 
 static inline __attribute__((always_inline)) float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  x = std::min(std::max(x, -87.0f), 88.0f);
   // x = n ln2 + r, |r| <= ln2/2
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  // round to nearest through a float->int conversion (vectorises; floorf needs SSE4.1)
+  const float fn = x * 1.44269504088896341f;
+  const float n = static_cast<float>(static_cast<int32_t>(fn + __builtin_copysignf(0.5f, fn)));
   const float r = (x - n * 0.693359375f) - n * (-2.12194440e-4f);
   // Cephes expf polynomial
   float p = 1.9875691500e-4f;

@@ -56,7 +56,7 @@ def _lif_forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, N] contiguous -> (spikes [T, N] x.dtype, H [T, N] float32, or [0] if not save_h)."""
-    fwd = _backend.kernel("lif", "forward", backend)
+    fwd = _backend.kernel("lif", "lif_forward", backend)
     return fwd(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h)
 
 
@@ -81,7 +81,7 @@ def _lif_backward(
     backend: str,
 ) -> torch.Tensor:
     """grad_spikes [T, N], H [T, N] float32 -> grad_x [T, N] in grad_spikes' dtype."""
-    bwd = _backend.kernel("lif", "backward", backend)
+    bwd = _backend.kernel("lif", "lif_backward", backend)
     return bwd(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha)
 
 
@@ -96,9 +96,12 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha)
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the saved-state output H
 
 
 def _backward(ctx, grad_spikes, _grad_h):
+    if grad_spikes is None:
+        return (None,) * 11
     (h,) = ctx.saved_tensors
     if h.numel() == 0:
         raise RuntimeError(

@@ -16,7 +16,7 @@ NUM_WARPS = 4
 SIGMOID, ATAN = 0, 1  # spikeops.ops.lif.SURROGATE_IDS
 
 
-def forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h):
+def lif_forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h):
     """x [T, N] contiguous -> (spikes [T, N] in x's dtype, H [T, N] fp32 or an empty tensor)."""
     T, N = x.shape
     spikes = torch.empty_like(x)
@@ -31,7 +31,7 @@ def forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h):
     return spikes, h
 
 
-def backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha):
+def lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha):
     """grad_spikes [T, N], H [T, N] fp32 -> grad_x [T, N] in grad_spikes' dtype."""
     T, N = grad_spikes.shape
     grad_x = torch.empty_like(grad_spikes)

@@ -1,0 +1,70 @@
+// Bit-packing of spikes on the CPU (semantics: spikeops/reference.py, pack_spikes/unpack_spikes).
+// pack:   x [R, n] (0./1. floats) -> words [R, ceil(n/64)] int64, bit j of word w = x[r, 64w + j];
+//         also reports whether any element was neither 0 nor 1.
+// unpack: words [R, W] int64 -> [R, n] 0./1. in the requested dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "../ops.h"
+
+namespace spikeops {
+namespace cpu {
+
+std::tuple<at::Tensor, bool> pack_spikes(const at::Tensor& x, bool check) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "pack_spikes: x must be contiguous [R, n]");
+  const int64_t R = x.size(0), n = x.size(1), W = (n + 63) / 64;
+  auto words = at::empty({R, W}, x.options().dtype(at::kLong));
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_spikes", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    uint64_t* wp = reinterpret_cast<uint64_t*>(words.mutable_data_ptr<int64_t>());
+    at::parallel_for(0, R * W, 1024, [&](int64_t begin, int64_t end) {
+      bool local_bad = false;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / W, w = i % W;
+        const scalar_t* src = xp + r * n + w * 64;
+        const int64_t m = std::min<int64_t>(64, n - w * 64);
+        uint64_t bits = 0;
+        for (int64_t j = 0; j < m; ++j) {
+          const float v = static_cast<float>(src[j]);
+          bits |= static_cast<uint64_t>(v != 0.0f) << j;
+          local_bad |= check && v != 0.0f && v != 1.0f;
+        }
+        wp[i] = bits;
+      }
+      if (local_bad) bad.store(true, std::memory_order_relaxed);
+    });
+  });
+  return {words, !bad.load()};
+}
+
+at::Tensor unpack_spikes(const at::Tensor& words, int64_t n, at::ScalarType dtype) {
+  TORCH_CHECK(words.dim() == 2 && words.is_contiguous() && words.scalar_type() == at::kLong,
+              "unpack_spikes: words must be contiguous int64 [R, W]");
+  const int64_t R = words.size(0), W = words.size(1);
+  TORCH_CHECK(n > 0 && (n + 63) / 64 == W, "unpack_spikes: n does not match the number of words");
+  auto out = at::empty({R, n}, words.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "unpack_spikes", [&] {
+    const uint64_t* wp = reinterpret_cast<const uint64_t*>(words.const_data_ptr<int64_t>());
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const scalar_t one(1.0f), zero(0.0f);
+    at::parallel_for(0, R * W, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / W, w = i % W;
+        const uint64_t bits = wp[i];
+        scalar_t* dst = op + r * n + w * 64;
+        const int64_t m = std::min<int64_t>(64, n - w * 64);
+        for (int64_t j = 0; j < m; ++j) dst[j] = ((bits >> j) & 1u) ? one : zero;
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace spikeops

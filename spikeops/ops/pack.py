@@ -1,0 +1,107 @@
+"""Bit-packed spikes: ``spikeops.pack_spikes`` / ``spikeops.unpack_spikes``.
+
+64 spikes per int64 word along one dim: element ``64*w + j`` of that dim is bit ``j`` of word
+``w`` (little-endian), padded with zero bits to a whole word. A ``[T, B, N, C]`` fp32 spike
+tensor packed along C takes 1/32 of the memory.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from spikeops import backend as _backend
+from spikeops import reference
+from spikeops._validation import check_float_tensor
+
+
+class PackedSpikes(NamedTuple):
+    """Packed spikes: ``words`` int64 ``[..., ceil(n/64)]`` with the packed dim moved last,
+    plus what :func:`unpack_spikes` needs to rebuild the original tensor."""
+
+    words: torch.Tensor
+    shape: torch.Size
+    dim: int
+    dtype: torch.dtype
+
+
+@torch.library.custom_op("spikeops::pack_spikes", mutates_args=())
+def _pack(x: torch.Tensor, check: bool, backend: str) -> torch.Tensor:
+    """x [R, n] contiguous -> words [R, ceil(n/64)] int64; ValueError on a non-0/1 value if check."""
+    words, binary = _backend.kernel("pack", "pack_spikes", backend)(x, check)
+    if not binary:
+        raise ValueError(
+            "pack_spikes: x must hold only 0 and 1 (spikes); found another value. "
+            "Pass check=False to skip this check (other values then pack as 1)."
+        )
+    return words
+
+
+@_pack.register_fake
+def _(x, check, backend):
+    return x.new_empty((x.shape[0], -(-x.shape[1] // 64)), dtype=torch.int64)
+
+
+@torch.library.custom_op("spikeops::unpack_spikes", mutates_args=())
+def _unpack(words: torch.Tensor, n: int, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """words [R, W] int64 contiguous -> [R, n] 0./1. of dtype."""
+    return _backend.kernel("pack", "unpack_spikes", backend)(words, n, dtype)
+
+
+@_unpack.register_fake
+def _(words, n, dtype, backend):
+    return words.new_empty((words.shape[0], n), dtype=dtype)
+
+
+def pack_spikes(x: torch.Tensor, dim: int = -1, check: bool = True, backend: str = "auto") -> PackedSpikes:
+    """Pack a 0/1 tensor 64 values per int64 word along ``dim``.
+
+    Args:
+        x: spikes of any shape (float32/float16/bfloat16/float64), values 0. or 1.
+        dim: the dim to pack (its size need not be a multiple of 64).
+        check: raise ``ValueError`` if ``x`` holds anything but 0 and 1 (a cheap pass fused into
+            the kernel); ``check=False`` skips it and packs every nonzero as 1.
+        backend: see :mod:`spikeops.backend`.
+
+    Returns:
+        :class:`PackedSpikes` with ``words`` int64 ``[*x.shape without dim, ceil(n/64)]``.
+    """
+    check_float_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension to pack along, got a 0-d tensor")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to pack")
+    dim = _normalize_dim(dim, x.dim())
+    moved = x.movedim(dim, -1)
+    n = moved.shape[-1]
+    chosen = _backend.resolve(x, backend)
+    if chosen == "torch":
+        if check and not reference.is_binary(x):
+            raise ValueError("pack_spikes: x must hold only 0 and 1 (spikes); pass check=False to skip this check")
+        words = reference.pack_spikes(moved)
+    else:
+        words = _pack(moved.contiguous().view(-1, n), check, chosen).view(*moved.shape[:-1], -1)
+    return PackedSpikes(words, x.shape, dim, x.dtype)
+
+
+def unpack_spikes(packed: PackedSpikes, dtype: torch.dtype = None, backend: str = "auto") -> torch.Tensor:
+    """Rebuild the 0./1. tensor packed by :func:`pack_spikes` (its shape; ``dtype`` defaults to
+    the packed tensor's)."""
+    if not isinstance(packed, PackedSpikes):
+        raise TypeError(f"packed must be the PackedSpikes returned by pack_spikes, got {type(packed).__name__}")
+    dtype = packed.dtype if dtype is None else dtype
+    words, shape, dim = packed.words, packed.shape, packed.dim
+    n = shape[dim]
+    moved_shape = shape[:dim] + shape[dim + 1:] + (n,)
+    chosen = _backend.resolve(torch.empty(0, dtype=dtype, device=words.device), backend)
+    if chosen == "torch":
+        flat = reference.unpack_spikes(words, n, dtype)
+    else:
+        flat = _unpack(words.contiguous().view(-1, words.shape[-1]), n, dtype, chosen)
+    return flat.view(moved_shape).movedim(-1, dim)
+
+
+def _normalize_dim(dim: int, ndim: int) -> int:
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d tensor, got {dim}")
+    return dim % ndim

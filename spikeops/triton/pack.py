@@ -1,0 +1,58 @@
+"""Bit-packing of spikes in Triton (semantics: spikeops/reference.py, pack_spikes/unpack_spikes).
+
+pack: each program reads a [BLOCK_R, 64] tile of x (rows x one word's elements), turns the
+nonzero flags into bit weights ``1 << j`` and sums them into one int64 word per row (distinct
+powers of two: the sum is the OR). It also flags any value that is neither 0 nor 1.
+unpack: the inverse, ``(word >> j) & 1`` for j < 64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_R = 32
+
+
+def pack_spikes(x, check):
+    """x [R, n] contiguous 0./1. -> (int64 words [R, ceil(n/64)], all values 0 or 1)."""
+    R, n = x.shape
+    W = triton.cdiv(n, 64)
+    words = torch.empty((R, W), device=x.device, dtype=torch.int64)
+    bad = torch.zeros((triton.cdiv(R, BLOCK_R), W), device=x.device, dtype=torch.int32)
+    _pack_kernel[(triton.cdiv(R, BLOCK_R), W)](x, words, bad, R, n, W, CHECK=bool(check), BLOCK_R=BLOCK_R)
+    return words, not (check and bool(bad.any()))
+
+
+def unpack_spikes(words, n, dtype):
+    """int64 words [R, W] contiguous -> [R, n] 0./1. of dtype."""
+    R, W = words.shape
+    out = torch.empty((R, n), device=words.device, dtype=dtype)
+    _unpack_kernel[(triton.cdiv(R, BLOCK_R), W)](words, out, R, n, W, BLOCK_R=BLOCK_R)
+    return out
+
+
+@triton.jit
+def _pack_kernel(x_ptr, words_ptr, bad_ptr, R, n, W, CHECK: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_r, w = tl.program_id(0), tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = w * 64 + tl.arange(0, 64)
+    mask = (rows[:, None] < R) & (cols[None, :] < n)
+    x = tl.load(x_ptr + rows[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    weights = tl.full([64], 1, tl.int64) << tl.arange(0, 64).to(tl.int64)
+    bits = tl.where(x != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
+    tl.store(words_ptr + rows * W + w, tl.sum(bits, axis=1), mask=rows < R)
+    if CHECK:
+        bad = tl.max(tl.where((x != 0.0) & (x != 1.0), 1, 0))
+        tl.store(bad_ptr + pid_r * W + w, bad)
+
+
+@triton.jit
+def _unpack_kernel(words_ptr, out_ptr, R, n, W, BLOCK_R: tl.constexpr):
+    pid_r, w = tl.program_id(0), tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    word = tl.load(words_ptr + rows * W + w, mask=rows < R, other=0)
+    cols = w * 64 + tl.arange(0, 64)
+    bits = (word[:, None] >> tl.arange(0, 64).to(tl.int64)[None, :]) & 1
+    mask = (rows[:, None] < R) & (cols[None, :] < n)
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], bits.to(out_ptr.dtype.element_ty), mask=mask)
