@@ -10,7 +10,7 @@ Quick start::
 """
 from spikeops import backend, nn, reference
 from spikeops.convert import convert
-from spikeops.ops import PackedSpikes, lif, pack_spikes, unpack_spikes
+from spikeops.ops import PackedSpikes, lif, pack_if_binary, pack_spikes, unpack_spikes
 
 __version__ = "0.1.0"
-__all__ = ["lif", "pack_spikes", "unpack_spikes", "PackedSpikes", "nn", "convert", "backend", "reference", "__version__"]
+__all__ = ["lif", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary", "nn", "convert", "backend", "reference", "__version__"]

@@ -6,7 +6,7 @@ tensor packed along C takes 1/32 of the memory.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -25,21 +25,22 @@ class PackedSpikes(NamedTuple):
     dtype: torch.dtype
 
 
+NOT_BINARY = (
+    "pack_spikes: x must hold only 0 and 1 (spikes); found another value. "
+    "Pass check=False to skip this check (other values then pack as 1)."
+)
+
+
 @torch.library.custom_op("spikeops::pack_spikes", mutates_args=())
-def _pack(x: torch.Tensor, check: bool, backend: str) -> torch.Tensor:
-    """x [R, n] contiguous -> words [R, ceil(n/64)] int64; ValueError on a non-0/1 value if check."""
+def _pack(x: torch.Tensor, check: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, n] contiguous -> (words [R, ceil(n/64)] int64, 0-d bool: all values 0 or 1 (True if not check))."""
     words, binary = _backend.kernel("pack", "pack_spikes", backend)(x, check)
-    if not binary:
-        raise ValueError(
-            "pack_spikes: x must hold only 0 and 1 (spikes); found another value. "
-            "Pass check=False to skip this check (other values then pack as 1)."
-        )
-    return words
+    return words, torch.tensor(binary)
 
 
 @_pack.register_fake
 def _(x, check, backend):
-    return x.new_empty((x.shape[0], -(-x.shape[1] // 64)), dtype=torch.int64)
+    return x.new_empty((x.shape[0], -(-x.shape[1] // 64)), dtype=torch.int64), torch.empty((), dtype=torch.bool)
 
 
 @torch.library.custom_op("spikeops::unpack_spikes", mutates_args=())
@@ -66,6 +67,22 @@ def pack_spikes(x: torch.Tensor, dim: int = -1, check: bool = True, backend: str
     Returns:
         :class:`PackedSpikes` with ``words`` int64 ``[*x.shape without dim, ceil(n/64)]``.
     """
+    packed, binary = _pack_and_check(x, dim, check, backend)
+    if not binary:
+        raise ValueError(NOT_BINARY)
+    return packed
+
+
+def pack_if_binary(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> Optional[PackedSpikes]:
+    """:func:`pack_spikes` when ``x`` holds only 0 and 1, else ``None`` (one pass over ``x``).
+
+    For callers that keep a cheaper copy of an activation when it happens to be spikes.
+    """
+    packed, binary = _pack_and_check(x, dim, True, backend)
+    return packed if binary else None
+
+
+def _pack_and_check(x, dim, check, backend):
     check_float_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension to pack along, got a 0-d tensor")
@@ -76,12 +93,12 @@ def pack_spikes(x: torch.Tensor, dim: int = -1, check: bool = True, backend: str
     n = moved.shape[-1]
     chosen = _backend.resolve(x, backend)
     if chosen == "torch":
-        if check and not reference.is_binary(x):
-            raise ValueError("pack_spikes: x must hold only 0 and 1 (spikes); pass check=False to skip this check")
+        binary = not check or reference.is_binary(x)
         words = reference.pack_spikes(moved)
     else:
-        words = _pack(moved.contiguous().view(-1, n), check, chosen).view(*moved.shape[:-1], -1)
-    return PackedSpikes(words, x.shape, dim, x.dtype)
+        words, binary = _pack(moved.contiguous().view(-1, n), check, chosen)
+        words, binary = words.view(*moved.shape[:-1], -1), bool(binary)
+    return PackedSpikes(words, x.shape, dim, x.dtype), binary
 
 
 def unpack_spikes(packed: PackedSpikes, dtype: torch.dtype = None, backend: str = "auto") -> torch.Tensor:

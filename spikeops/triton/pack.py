@@ -55,4 +55,5 @@ def _unpack_kernel(words_ptr, out_ptr, R, n, W, BLOCK_R: tl.constexpr):
     cols = w * 64 + tl.arange(0, 64)
     bits = (word[:, None] >> tl.arange(0, 64).to(tl.int64)[None, :]) & 1
     mask = (rows[:, None] < R) & (cols[None, :] < n)
-    tl.store(out_ptr + rows[:, None] * n + cols[None, :], bits.to(out_ptr.dtype.element_ty), mask=mask)
+    spikes = tl.where(bits != 0, 1.0, 0.0)  # via fp32: the interpreter mis-casts int -> bf16
+    tl.store(out_ptr + rows[:, None] * n + cols[None, :], spikes.to(out_ptr.dtype.element_ty), mask=mask)
