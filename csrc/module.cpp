@@ -9,5 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_forward", &spikeops::cpu::lif_forward, "fused multi-step LIF forward");
   m.def("lif_backward", &spikeops::cpu::lif_backward, "fused multi-step LIF backward");
   m.def("pack_spikes", &spikeops::cpu::pack_spikes, "pack 0/1 values into int64 words");
+  m.def("spike_matmul_packed", &spikeops::cpu::spike_matmul_packed, "AND+popcount matmul of packed spikes");
+  m.def("ssa_forward", &spikeops::cpu::ssa_forward, "fused spiking self-attention forward");
   m.def("unpack_spikes", &spikeops::cpu::unpack_spikes, "unpack int64 words into 0/1 values");
 }

@@ -29,5 +29,14 @@ std::tuple<at::Tensor, bool> pack_spikes(const at::Tensor& x, bool check);
 // words: [R, W] contiguous int64 -> [R, n] 0./1. of dtype.
 at::Tensor unpack_spikes(const at::Tensor& words, int64_t n, at::ScalarType dtype);
 
+// a_words [Bt, M, W], bt_words [Bt, N, W]: 0/1 matrices packed along K -> int32 [Bt, M, N] = A @ B.
+at::Tensor spike_matmul_packed(const at::Tensor& a_words, const at::Tensor& bt_words);
+
+// Fused SSA forward: q, k, v [T, BH, N, d] contiguous 0/1 -> (spikes [T, BH, N, d] = LIF(scale * Q K^T V),
+// q, k, v packed along d [T, BH, N, ceil(d/64)] when save_packed (else empty), all inputs were 0/1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    double v_threshold, double tau, bool save_packed);
+
 }  // namespace cpu
 }  // namespace spikeops

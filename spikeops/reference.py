@@ -111,3 +111,32 @@ def unpack_spikes(words: torch.Tensor, n: int, dtype: torch.dtype = torch.float3
     shifts = torch.arange(8, device=words.device, dtype=torch.uint8)
     bits = (as_bytes.unsqueeze(-1) >> shifts) & 1
     return bits.view(*words.shape[:-1], -1)[..., :n].to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Spike products and Spiking Self-Attention
+
+
+def spike_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [..., M, K] @ b [..., K, N]`` of 0/1 tensors as exact int32 counts."""
+    return (a.double() @ b.double()).round().to(torch.int32)
+
+
+def ssa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float = 0.125,
+    v_threshold: float = 0.5,
+    tau: float = 2.0,
+) -> torch.Tensor:
+    """Spikformer's spiking self-attention: ``LIF(scale * Q K^T V)`` over T.
+
+    q, k, v: spikes ``[T, B, H, N, d]``. The product is an exact integer in float32 (either
+    association gives it); the attention neuron has v_reset=0, decay_input, detach_reset and
+    the sigmoid surrogate (alpha 4), as in Spikformer. Returns spikes ``[T, B, H, N, d]``.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    y = (qc @ (kc.transpose(-2, -1) @ vc)) * scale
+    return lif(y, tau=tau, v_threshold=v_threshold, v_reset=0.0, decay_input=True, detach_reset=True).to(q.dtype)

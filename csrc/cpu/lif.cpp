@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "../ops.h"
+#include "lif_math.h"
 #include "simd_math.h"
 
 namespace spikeops {
@@ -30,22 +31,16 @@ constexpr int64_t kChunk = 512;
 #define SPIKEOPS_SIMD_CLONES
 #endif
 
-struct LifConsts {
-  float tau, v_threshold, v_reset;
-};
-
 template <bool kHard, bool kDecayInput>
 static inline __attribute__((always_inline)) void step_forward_impl(
     const float* __restrict x, float* __restrict v, float* __restrict s,
     float* __restrict h, int64_t n, LifConsts c) {
   for (int64_t i = 0; i < n; ++i) {
-    const float vi = v[i];
-    const float hi = kDecayInput ? vi + (x[i] - (vi - c.v_reset)) / c.tau
-                                 : vi - (vi - c.v_reset) / c.tau + x[i];
-    const bool fire = (hi - c.v_threshold) >= 0.0f;
+    const float hi = lif_charge<kDecayInput>(v[i], x[i], c);
+    const bool fire = lif_fire(hi, c);
     s[i] = fire ? 1.0f : 0.0f;
     h[i] = hi;
-    v[i] = kHard ? (fire ? c.v_reset : hi) : (fire ? hi - c.v_threshold : hi);
+    v[i] = lif_reset<kHard>(hi, fire, c);
   }
 }
 

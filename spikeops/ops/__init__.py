@@ -1,5 +1,7 @@
 """Public ops: validation, backend dispatch and autograd around the raw kernels."""
 from spikeops.ops.lif import lif
+from spikeops.ops.spike_matmul import spike_matmul
+from spikeops.ops.ssa import ssa
 from spikeops.ops.pack import PackedSpikes, pack_if_binary, pack_spikes, unpack_spikes
 
-__all__ = ["lif", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary"]
+__all__ = ["lif", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary"]

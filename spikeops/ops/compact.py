@@ -1,0 +1,77 @@
+"""Keep an activation for backward in the smallest exact form: ``compact`` / ``restore``.
+
+Spiking networks feed layers with tensors that hold few distinct values, so a custom
+``torch.autograd.Function`` can save its input losslessly in much less memory:
+
+==========================  =========================  ======================================
+the input holds only        saved as                   size vs. fp32 (fp16/bf16: half these)
+==========================  =========================  ======================================
+0 and 1 (spikes)            bits along ``dim``         1/32, plus padding to 64 bits per row
+integers 0..255 (residual   uint8                      1/4
+sums of spikes)
+anything else               the tensor itself          1
+==========================  =========================  ======================================
+
+Use it as::
+
+    saved, meta = compact(x, dim=-1)      # in forward; ctx.save_for_backward(saved, ...)
+    x = restore(saved, meta)              # in backward; x's values, dtype, shape and layout
+
+The chosen form depends on the values, so it is picked eagerly (a graph break under
+``torch.compile``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from spikeops.ops.pack import PackedSpikes, pack_if_binary, unpack_spikes
+
+UINT8_MAX = 255
+
+
+class CompactMeta(NamedTuple):
+    """What :func:`restore` needs besides the saved tensor."""
+
+    kind: str  # "bits" | "uint8" | "plain"
+    shape: torch.Size
+    dim: int
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+
+
+def compact(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> tuple[torch.Tensor, CompactMeta]:
+    """(tensor to save, meta): ``x`` bit-packed along ``dim`` if it is 0/1, as uint8 if it holds
+    integers 0..255, else ``x`` itself. ``backend`` picks the packing kernel."""
+    meta = CompactMeta("plain", x.shape, dim % max(x.dim(), 1), x.dtype, memory_format(x))
+    if x.numel() == 0 or not x.is_floating_point():
+        return x, meta
+    packed = pack_if_binary(x, dim=dim, backend=backend)
+    if packed is not None:
+        return packed.words, meta._replace(kind="bits")
+    if bool(((x >= 0) & (x <= UINT8_MAX) & (x == x.round())).all()):
+        return x.to(torch.uint8), meta._replace(kind="uint8")
+    return x, meta
+
+
+def restore(saved: torch.Tensor, meta: CompactMeta, backend: str = "auto") -> torch.Tensor:
+    """The tensor :func:`compact` was given: same values, dtype, shape and memory format
+    (channels-last stays channels-last, so backward kernels pick the same algorithm)."""
+    if meta.kind == "plain":
+        return saved
+    if meta.kind == "bits":
+        x = unpack_spikes(PackedSpikes(saved, meta.shape, meta.dim, meta.dtype), backend=backend)
+    else:
+        x = saved.to(meta.dtype)
+    return x.contiguous(memory_format=meta.memory_format)
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last(_3d) for a tensor laid out so (and not plainly contiguous), else contiguous_format."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format

@@ -1,0 +1,72 @@
+"""``spikeops.spike_matmul``: exact product of 0/1 matrices by AND + popcount on packed words.
+
+``out[..., m, n] = sum_k a[..., m, k] * b[..., k, n]`` for a, b holding only 0 and 1. Both are
+packed along K (64 spikes per int64 word, :mod:`spikeops.ops.pack`); each output is the popcount
+of the AND of two packed rows. Not differentiable (an integer count); for training use
+:func:`spikeops.ssa`.
+"""
+from __future__ import annotations
+
+import torch
+
+from spikeops import backend as _backend
+from spikeops import reference
+from spikeops._validation import check_float_tensor
+from spikeops.ops.pack import pack_if_binary
+
+OUT_DTYPES = (torch.int32, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@torch.library.custom_op("spikeops::spike_matmul_packed", mutates_args=())
+def _spike_matmul_packed(a_words: torch.Tensor, bt_words: torch.Tensor, backend: str) -> torch.Tensor:
+    """a_words [Bt, M, W], bt_words [Bt, N, W] (packed along K) -> int32 [Bt, M, N]."""
+    return _backend.kernel("spike_matmul", "spike_matmul_packed", backend)(a_words, bt_words)
+
+
+@_spike_matmul_packed.register_fake
+def _(a_words, bt_words, backend):
+    return a_words.new_empty((a_words.shape[0], a_words.shape[1], bt_words.shape[1]), dtype=torch.int32)
+
+
+def spike_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.int32, backend: str = "auto") -> torch.Tensor:
+    """Exact ``a @ b`` for spike tensors.
+
+    Args:
+        a: ``[..., M, K]`` holding only 0 and 1 (any float dtype).
+        b: ``[..., K, N]`` holding only 0 and 1, same dtype and device; batch dims broadcast.
+        out_dtype: ``torch.int32`` (default) or a float dtype for the counts.
+        backend: see :mod:`spikeops.backend`.
+
+    Returns:
+        ``[..., M, N]`` counts in ``out_dtype``. Raises ``ValueError`` if a or b is not binary.
+    """
+    check_float_tensor("a", a)
+    check_float_tensor("b", b)
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"a and b must be at least 2-d [..., M, K] and [..., K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"a's last dim (K={a.shape[-1]}) must equal b's second-to-last dim ({b.shape[-2]})")
+    if a.device != b.device or a.dtype != b.dtype:
+        raise ValueError(f"a and b must share device and dtype, got {a.device}/{a.dtype} and {b.device}/{b.dtype}")
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError(f"a and b must be non-empty, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = a.expand(*batch, *a.shape[-2:])
+    b = b.expand(*batch, *b.shape[-2:])
+    chosen = _backend.resolve(a, backend)
+    if chosen == "torch":
+        for name, x in (("a", a), ("b", b)):
+            if not reference.is_binary(x):
+                raise ValueError(f"{name} must hold only 0 and 1 (spikes)")
+        return reference.spike_matmul(a, b).to(out_dtype)
+    M, N = a.shape[-2], b.shape[-1]
+    packed = []
+    for name, x, dim in (("a", a, -1), ("b", b, -2)):
+        p = pack_if_binary(x, dim=dim, backend=chosen)
+        if p is None:
+            raise ValueError(f"{name} must hold only 0 and 1 (spikes); spike_matmul is exact only for spikes")
+        packed.append(p.words.reshape(-1, p.words.shape[-2], p.words.shape[-1]))
+    out = _spike_matmul_packed(packed[0], packed[1], chosen)
+    return out.view(*batch, M, N).to(out_dtype)

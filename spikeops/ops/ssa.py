@@ -1,0 +1,131 @@
+r"""Fused Spiking Self-Attention: ``spikeops.ssa``.
+
+For spikes q, k, v ``[T, B, H, N, d]`` (Spikformer's attention, per head and time step):
+
+.. math::
+
+    Y_t = s \, Q_t K_t^T V_t, \qquad S = \mathrm{LIF}_{v_{th}, \tau}(Y) \text{ over } t
+
+with the attention neuron of Spikformer (v_reset 0, decay_input, detach_reset, sigmoid surrogate
+alpha 4). ``Q K^T V`` is an exact integer (0/1 operands), computed as ``Q (K^T V)`` when
+``N > d`` (no N x N map) and ``(Q K^T) V`` otherwise; the scale is applied in fp32, so spikes
+equal the reference bit for bit.
+
+Backward saves q, k, v bit-packed (1 bit per spike, 1/32 of fp32) and recomputes Y from them
+exactly, runs the fused LIF backward (surrogate) to get dL/dY, then the float products:
+``dQ = s dY (K^T V)^T``, ``dA = s Q^T dY``, ``dK = V dA^T``, ``dV = K dA``.
+"""
+from __future__ import annotations
+
+import torch
+
+from spikeops import backend as _backend
+from spikeops import reference
+from spikeops._validation import check_finite, check_float_tensor, check_time_major
+from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
+from spikeops.ops.pack import NOT_BINARY, _unpack
+
+ATTN_SURROGATE, ATTN_ALPHA = "sigmoid", 4.0
+
+
+@torch.library.custom_op("spikeops::ssa_forward", mutates_args=())
+def _ssa_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, v_threshold: float, tau: float,
+    save_packed: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v packed along d [T, BH, N, ceil(d/64)] or empty)."""
+    out, qw, kw, vw, binary = _backend.kernel("ssa", "ssa_forward", backend)(q, k, v, scale, v_threshold, tau, save_packed)
+    if not binary:
+        raise ValueError("ssa: q, k and v " + NOT_BINARY.split(": ", 1)[1])
+    return out, qw, kw, vw
+
+
+@_ssa_forward.register_fake
+def _(q, k, v, scale, v_threshold, tau, save_packed, backend):
+    T, BH, N, d = q.shape
+    shape = (T, BH, N, -(-d // 64)) if save_packed else (0,)
+    words = [q.new_empty(shape, dtype=torch.int64) for _ in range(3)]
+    return (torch.empty_like(q), *words)
+
+
+def _setup_context(ctx, inputs, output):
+    q, _, _, scale, v_threshold, tau, _, backend = inputs
+    ctx.save_for_backward(*output[1:])
+    ctx.shape, ctx.dtype = q.shape, q.dtype
+    ctx.params = (scale, v_threshold, tau, backend)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad, *_):
+    if grad is None:
+        return (None,) * 8
+    qw, kw, vw = ctx.saved_tensors
+    if qw.numel() == 0:
+        raise RuntimeError("spikeops.ssa: backward through a forward that ran without grad enabled for q, k, v")
+    scale, v_threshold, tau, backend = ctx.params
+    T, BH, N, d = ctx.shape
+    q, k, v = (_unpack(w.view(-1, w.shape[-1]), d, torch.float32, backend).view(T, BH, N, d) for w in (qw, kw, vw))
+    kv = k.transpose(-2, -1) @ v                       # [T, BH, d, d], exact integers
+    y = ((q @ kv) * scale).view(T, -1)                 # the forward's attention input, recomputed exactly
+    lif_args = (tau, v_threshold, 0.0, True, True, True, SURROGATE_IDS[ATTN_SURROGATE], ATTN_ALPHA)
+    _, h = _lif_forward(y, *lif_args, True, backend)
+    dy = _lif_backward(grad.contiguous().view(T, -1).float(), h, *lif_args, backend)
+    g = dy.view(T, BH, N, d) * scale
+    dkv = q.transpose(-2, -1) @ g
+    dq = g @ kv.transpose(-2, -1)
+    dk = v @ dkv.transpose(-2, -1)
+    dv = k @ dkv
+    return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd("spikeops::ssa_forward", _backward, setup_context=_setup_context)
+
+
+def ssa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float = 0.125,
+    v_threshold: float = 0.5,
+    tau: float = 2.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Spiking self-attention ``LIF(scale * Q K^T V)`` in one fused kernel.
+
+    Args:
+        q, k, v: spikes ``[T, B, H, N, d]`` (0./1.), same shape, dtype and device.
+        scale: Spikformer's 0.125 (0.25 for its DVS models).
+        v_threshold: the attention neuron's threshold (0.5 in Spikformer).
+        tau: the attention neuron's time constant, > 1.
+        backend: see :mod:`spikeops.backend`.
+
+    Returns:
+        spikes ``[T, B, H, N, d]`` in q's dtype. Differentiable in q, k, v; backward keeps
+        q, k, v packed to 1 bit each. Raises ``ValueError`` if q, k or v is not binary.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, x)
+        check_time_major(name, x)
+        if x.dim() != 5:
+            raise ValueError(f"{name} must be [T, B, H, N, d] (5-d), got shape {tuple(x.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or len({q.device, k.device, v.device}) != 1:
+        raise ValueError(f"q, k, v must share dtype and device, got {[(x.dtype, str(x.device)) for x in (q, k, v)]}")
+    scale = check_finite("scale", scale)
+    v_threshold = check_finite("v_threshold", v_threshold)
+    tau = check_finite("tau", tau)
+    if tau <= 1.0:
+        raise ValueError(f"tau must be > 1, got {tau}")
+    chosen = _backend.resolve(q, backend)
+    if chosen == "torch":
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not reference.is_binary(x):
+                raise ValueError(f"ssa: {name} must hold only 0 and 1 (spikes)")
+        return reference.ssa(q, k, v, scale, v_threshold, tau)
+    T, B, H, N, d = q.shape
+    flat = [x.contiguous().view(T, B * H, N, d) for x in (q, k, v)]
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out = _ssa_forward(*flat, scale, v_threshold, tau, save, chosen)[0]
+    return out.view(T, B, H, N, d)
