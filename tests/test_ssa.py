@@ -1,0 +1,135 @@
+"""spikeops.ssa: the fused attention equals the reference (spikes exact, gradients 1e-5) on each backend."""
+import pytest
+import torch
+
+import spikeops
+from spikeops import reference
+from harness import KERNEL_BACKENDS, assert_grads_close, device_for
+
+
+def qkv(shape, densities=(0.3, 0.4, 0.5), seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(shape, generator=g) < p).to(dtype).to(device) for p in densities]
+
+
+def run(fn, tensors, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+# (T, B, H, N, d): N > d takes Q (K^T V), N <= d takes (Q K^T) V; odd sizes and T=1 included
+SHAPES = [(4, 2, 3, 20, 8), (3, 2, 2, 5, 16), (1, 1, 1, 70, 3), (4, 1, 2, 16, 16), (2, 1, 2, 40, 24), (2, 2, 1, 9, 70)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_spikes_and_grads_match_reference(backend, shape):
+    device = device_for(backend)
+    tensors = qkv(shape, device=device)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(device)
+    out, grads = run(lambda q, k, v: spikeops.ssa(q, k, v, backend=backend), tensors, grad)
+    ref, ref_grads = run(reference.ssa, [t.cpu() for t in tensors], grad.cpu())
+    assert torch.equal(out.cpu(), ref)
+    assert 0 < ref.sum() < ref.numel()
+    for g, rg in zip(grads, ref_grads):
+        assert_grads_close(g, rg, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("scale,v_threshold,tau", [(0.25, 1.0, 3.0), (0.05, 0.3, 1.5)])
+def test_settings_reach_the_kernel(backend, scale, v_threshold, tau):
+    device = device_for(backend)
+    tensors = qkv((3, 1, 2, 24, 8), device=device)
+    kw = dict(scale=scale, v_threshold=v_threshold, tau=tau)
+    assert torch.equal(spikeops.ssa(*tensors, backend=backend, **kw).cpu(), reference.ssa(*[t.cpu() for t in tensors], **kw))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_counts_beyond_fp16_exact_integers_stay_exact(backend):
+    # all-ones K and V: K^T V entries equal N = 2100 > 2048
+    device = device_for(backend)
+    shape = (1, 1, 1, 2100, 2)
+    q = (torch.rand(shape) < 0.5).float().to(device)
+    k, v = torch.ones(shape, device=device), torch.ones(shape, device=device)
+    scale = 1.0 / 2100.0
+    out = spikeops.ssa(q, k, v, scale=scale, v_threshold=0.5, backend=backend)
+    assert torch.equal(out.cpu(), reference.ssa(q.cpu(), k.cpu(), v.cpu(), scale=scale))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_spikes(backend, dtype):
+    device = device_for(backend)
+    shape = (2, 2, 2, 12, 8)
+    tensors = qkv(shape, device=device, dtype=dtype)
+    grad = torch.randn(shape).to(device)
+    out, grads = run(lambda q, k, v: spikeops.ssa(q, k, v, backend=backend), tensors, grad)
+    ref, ref_grads = run(reference.ssa, [t.cpu() for t in tensors], grad.cpu())
+    assert out.dtype == dtype and torch.equal(out.cpu(), ref)
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        assert_grads_close(g, rg, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_keeps_q_k_v_as_bits(backend):
+    device = device_for(backend)
+    shape = (4, 2, 2, 16, 64)
+    q, k, v = [t.requires_grad_() for t in qkv(shape, device=device)]
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        spikeops.ssa(q, k, v, backend=backend)
+    assert sum(saved.values()) == 3 * q.numel() // 8  # 1 bit per spike, d = 64: no padding
+
+
+def test_non_binary_input_is_rejected_on_every_backend():
+    for backend in KERNEL_BACKENDS + ("torch",):
+        q, k, v = qkv((2, 1, 1, 8, 4), device=device_for(backend) if backend != "torch" else "cpu")
+        with pytest.raises(ValueError, match="0 and 1"):
+            spikeops.ssa(q, k * 0.5, v, backend=backend)
+
+
+def test_bad_shapes_and_settings_are_rejected():
+    q, k, v = qkv((2, 1, 1, 8, 4))
+    with pytest.raises(ValueError, match=r"\[T, B, H, N, d\]"):
+        spikeops.ssa(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="one shape"):
+        spikeops.ssa(q, k[:, :, :, :4], v)
+    with pytest.raises(ValueError, match="share dtype and device"):
+        spikeops.ssa(q, k.half(), v)
+    with pytest.raises(ValueError, match="tau must be > 1"):
+        spikeops.ssa(q, k, v, tau=1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        spikeops.ssa(q, k, v, scale=float("inf"))
+    with pytest.raises(ValueError, match="T=0"):
+        spikeops.ssa(q[:0], k[:0], v[:0])
+    with pytest.raises(TypeError, match="q must be a floating tensor"):
+        spikeops.ssa(q.bool(), k, v)
+
+
+def test_float64_runs_the_reference():
+    tensors = [t.double() for t in qkv((2, 1, 1, 8, 4))]
+    assert torch.equal(spikeops.ssa(*tensors), reference.ssa(*tensors))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_forward_op_passes_opcheck(backend):
+    device = device_for(backend)
+    q, k, v = [t.view(2, 2, 12, 8).requires_grad_() for t in qkv((2, 1, 2, 12, 8), device=device)]
+    torch.library.opcheck(torch.ops.spikeops.ssa_forward.default, (q, k, v, 0.125, 0.5, 2.0, True, backend))
+
+
+def test_compiled_attention_matches_eager():
+    tensors = [t.requires_grad_() for t in qkv((2, 1, 2, 12, 8))]
+    fn = torch.compile(lambda q, k, v: spikeops.ssa(q, k, v), fullgraph=True, backend="aot_eager")
+    out = fn(*tensors)
+    assert torch.equal(out, reference.ssa(*tensors))
+    out.sum().backward()
+    assert all(t.grad is not None for t in tensors)
