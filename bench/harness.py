@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -106,13 +106,19 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def saved_bytes(fn: Callable[[], object]) -> tuple[int, int]:
-    """(bytes, number of distinct storages) saved for backward by one call of ``fn``."""
+def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> tuple[int, int]:
+    """(bytes, number of distinct storages) saved for backward by one call of ``fn``.
+
+    Storages of the tensors in ``exclude`` (e.g. ``module.parameters()``) are not counted, so
+    two modules can be compared by the activations they keep.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -9,8 +9,9 @@ Quick start::
     neuron = spikeops.nn.LIF(tau=2.0, detach_reset=True)        # drop-in for LIFNode(step_mode="m")
 """
 from spikeops import backend, nn, reference
+from spikeops import memory
 from spikeops.convert import convert
-from spikeops.ops import PackedSpikes, lif, pack_if_binary, pack_spikes, unpack_spikes
+from spikeops.ops import PackedSpikes, lif, pack_if_binary, pack_spikes, spike_matmul, ssa, unpack_spikes
 
 __version__ = "0.1.0"
-__all__ = ["lif", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary", "nn", "convert", "backend", "reference", "__version__"]
+__all__ = ["lif", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary", "nn", "convert", "backend", "reference", "memory", "__version__"]

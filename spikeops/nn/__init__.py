@@ -1,4 +1,6 @@
 """Drop-in ``torch.nn`` modules built on spikeops ops."""
+from spikeops.nn.attention import SpikeLinearBNLIF, SpikingMLP, SpikingSelfAttention
 from spikeops.nn.lif import LIF
+from spikeops.nn.spike_layers import SpikeConv1d, SpikeConv2d, SpikeLinear
 
-__all__ = ["LIF"]
+__all__ = ["LIF", "SpikingSelfAttention", "SpikingMLP", "SpikeLinearBNLIF", "SpikeLinear", "SpikeConv1d", "SpikeConv2d"]

@@ -1,0 +1,166 @@
+"""``SpikeLinear``, ``SpikeConv1d``, ``SpikeConv2d``: torch layers that save their input compactly.
+
+Each computes exactly what its torch parent computes (same constructor, parameters and
+state_dict; forward output and gradients equal), but the input it keeps for the weight gradient
+is stored by :func:`spikeops.ops.compact.compact`: bit-packed along the channel/feature dim
+when it holds only 0/1 (1/32 of fp32), as uint8 when it holds only integers 0..255 such as the
+residual sums of Spikformer blocks (1/4), else as is. Backward restores it exactly and runs the
+same torch kernels the parent's autograd runs, so fp32 gradients are bitwise equal.
+
+Without grad (inference, or no tensor requiring grad) the parent's forward runs untouched.
+Under autocast the inputs are cast as autocast casts them for ``linear``/``conv``. Double
+backward is not supported. Under ``torch.compile`` the layer is a graph break (the saved form
+depends on the values; one clean break per layer, the rest of the model compiles), so
+``fullgraph=True`` does not compile a model that uses it.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from spikeops.ops.compact import compact, memory_format, restore
+
+
+class _LinearOp(NamedTuple):
+    """``y = x @ W.T + b`` on ``[..., C_in]``; backward as autograd's ``addmm`` on the flattened input."""
+
+    channel_dim: int = -1
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def backward(self, grad, x, x_like, weight, needs):
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad2d.mm(weight).view(x_like[0]) if needs[0] else None
+        grad_w = grad2d.t().mm(x.reshape(-1, x.shape[-1])) if needs[1] else None
+        grad_b = grad2d.sum(0) if needs[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class _ConvOp(NamedTuple):
+    """``aten.convolution`` on batched ``[N, C_in, *spatial]`` input with numeric padding;
+    backward is ``aten.convolution_backward``, the call autograd makes for it."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    channel_dim: int = 1
+
+    def forward(self, x, weight, bias):
+        zeros = [0] * len(self.stride)
+        return torch.convolution(x, weight, bias, self.stride, self.padding, self.dilation, False, zeros, self.groups)
+
+    def backward(self, grad, x, x_like, weight, needs):
+        if x is None:  # not saved (no weight grad): grad_input needs the input's shape and layout only
+            x = torch.empty(x_like[0], dtype=grad.dtype, device=grad.device, memory_format=x_like[1])
+        bias_sizes = [weight.shape[0]] if needs[2] else None
+        zeros = [0] * len(self.stride)
+        return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, self.stride, self.padding,
+                                                   self.dilation, False, zeros, self.groups, list(needs))
+
+
+class _CompactInputFunction(torch.autograd.Function):
+    """``op.forward(x, weight, bias)``, saving ``x`` compactly (and only if the weight needs a grad)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, op):
+        ctx.op, ctx.x_like = op, (x.shape, memory_format(x))
+        saved, ctx.meta = compact(x, op.channel_dim) if ctx.needs_input_grad[1] else (None, None)
+        ctx.save_for_backward(saved, weight)
+        return op.forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        saved, weight = ctx.saved_tensors
+        x = None if saved is None else restore(saved, ctx.meta)
+        needs = tuple(ctx.needs_input_grad[:3])
+        return (*ctx.op.backward(grad, x, ctx.x_like, weight, needs), None)
+
+
+def _autocast_inputs(*tensors):
+    """Cast as autocast casts the inputs of ``linear``/``conv`` (floating, not fp64, to the
+    autocast dtype); the casts stay in the autograd graph as they would under autocast."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@torch.compiler.disable(reason="spikeops: the saved form of the input depends on its values")
+def _apply(op, x, weight, bias):
+    """Run ``op`` through :class:`_CompactInputFunction`, with autocast applied as torch would."""
+    x, weight, bias = _autocast_inputs(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _CompactInputFunction.apply(x, weight, bias, op)
+
+
+class SpikeLinear(nn.Linear):
+    """:class:`torch.nn.Linear` that saves its input as bits / uint8 when it can (see module doc).
+
+    Shapes: input ``[*, in_features]`` (e.g. ``[T, B, N, C]``) -> output ``[*, out_features]``.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _needs_grad(input, self.weight, self.bias):
+            return super().forward(input)
+        return _apply(_LinearOp(), input, self.weight, self.bias)
+
+
+class _SpikeConvNd:
+    """The ``_conv_forward`` of :class:`SpikeConv1d`/:class:`SpikeConv2d`: torch's, with the
+    convolution itself routed through :class:`_CompactInputFunction`."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if not _needs_grad(input, weight, bias):
+            return super()._conv_forward(input, weight, bias)
+        nd = weight.dim() - 2
+        unbatched = input.dim() == nd + 1
+        x = input.unsqueeze(0) if unbatched else input
+        x, padding = self._explicit_padding(x, weight)
+        op = _ConvOp(tuple(self.stride), padding, tuple(self.dilation), self.groups)
+        out = _apply(op, x, weight, bias)
+        return out.squeeze(0) if unbatched else out
+
+    def _explicit_padding(self, x, weight):
+        """(input padded as torch pads it before the convolution, symmetric numeric padding)."""
+        nd = weight.dim() - 2
+        if self.padding_mode != "zeros":  # as nn.ConvNd._conv_forward
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * nd
+        if self.padding == "valid":
+            return x, (0,) * nd
+        if self.padding != "same":
+            return x, tuple(self.padding)
+        # "same" as aten's _convolution_same: symmetric part as padding, the extra one on the right padded here
+        total = [d * (k - 1) for d, k in zip(self.dilation, weight.shape[2:])]
+        extra = [t % 2 for t in total]
+        if any(extra):
+            pad_nd = [p for e in reversed(extra) for p in (0, e)]
+            x = F.pad(x, pad_nd)
+        return x, tuple(t // 2 for t in total)
+
+
+class SpikeConv1d(_SpikeConvNd, nn.Conv1d):
+    """:class:`torch.nn.Conv1d` that saves its input as bits (along C) / uint8 when it can.
+
+    Shapes: input ``[N, C_in, L]`` or ``[C_in, L]`` -> output ``[N, C_out, L_out]`` or ``[C_out, L_out]``.
+    """
+
+
+class SpikeConv2d(_SpikeConvNd, nn.Conv2d):
+    """:class:`torch.nn.Conv2d` that saves its input as bits (along C) / uint8 when it can.
+
+    Shapes: input ``[N, C_in, H, W]`` or ``[C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``
+    or ``[C_out, H_out, W_out]``.
+    """
