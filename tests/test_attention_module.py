@@ -46,6 +46,9 @@ def test_attention_matches_the_unfused_composition():
     ref.backward(g)
     assert_grads_close(x1.grad, x2.grad)
     for (name, p), (_, p2) in zip(ours.named_parameters(), twin.named_parameters()):
+        if name == "proj.linear.bias":  # a bias right before training-mode BN: its true gradient is 0,
+            assert p.grad.abs().max() < 1e-5 * x1.grad.abs().max() * x.numel() ** 0.5  # both hold rounding noise
+            continue
         assert_grads_close(p.grad, p2.grad)
     for b, b2 in zip(ours.buffers(), twin.buffers()):
         assert torch.equal(b, b2)
