@@ -539,10 +539,14 @@ def run_device(dev: torch.device, names: list[str], args) -> dict:
         else:
             entry = bench_block(dev, dtype, args)
             print_block(dev, entry)
+        entry["other_cpu_busy_after"] = H.other_cpu_busy(0.25)  # others' load while we ran shows as noise
         payload["shapes"][name] = entry
     payload["targets"] = targets(payload, dev)
     payload["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     print_targets(payload["targets"])
+    busy_after = {n: e["other_cpu_busy_after"] for n, e in payload["shapes"].items()}
+    if any(b is not None and b > 0.2 for b in busy_after.values()):
+        print(f"\nwarning: other processes were busy after some sections ({busy_after}); timings may be noisy")
     path = H.write_json(f"ssa_{dev.type}", payload)
     print(f"\nwrote {path} ({payload['elapsed_s']} s)")
     return payload

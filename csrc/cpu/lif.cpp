@@ -17,7 +17,6 @@
 
 #include "../ops.h"
 #include "lif_math.h"
-#include "simd_math.h"
 
 namespace spikeops {
 namespace cpu {
@@ -56,22 +55,6 @@ void step_forward(const float* x, float* v, float* s, float* h, int64_t n, LifCo
   }
 }
 
-// Surrogate dS/dH at d = H - v_threshold.
-//   sigmoid: alpha * e / (1 + e)^2 with e = exp(-|alpha d|)  (= alpha sig(alpha d)(1 - sig(alpha d)))
-//   atan:    alpha / 2 / (1 + (pi/2 alpha d)^2)
-template <int64_t kSurrogate>
-static inline __attribute__((always_inline)) float surrogate_grad(float d, float alpha) {
-  if (kSurrogate == kSigmoid) {
-    const float z = alpha * d;
-    const float e = exp_approx(-__builtin_fabsf(z));
-    const float one_e = 1.0f + e;
-    return alpha * e / (one_e * one_e);
-  } else {
-    const float z = 1.57079632679489662f * alpha * d;
-    return alpha / 2.0f / (1.0f + z * z);
-  }
-}
-
 template <bool kHard, bool kDetach, int64_t kSurrogate>
 static inline __attribute__((always_inline)) void step_backward_impl(
     const float* __restrict gs, const float* __restrict h, float* __restrict gv,
@@ -79,21 +62,7 @@ static inline __attribute__((always_inline)) void step_backward_impl(
   // The surrogate gets a loop of its own: fused into the loop below, GCC does not vectorise it.
   float sgbuf[kChunk];
   for (int64_t i = 0; i < n; ++i) sgbuf[i] = surrogate_grad<kSurrogate>(h[i] - c.v_threshold, alpha);
-  for (int64_t i = 0; i < n; ++i) {
-    const float hi = h[i];
-    const float d = hi - c.v_threshold;
-    const float fire = d >= 0.0f ? 1.0f : 0.0f;
-    const float sg = sgbuf[i];
-    float dv_dh;
-    if (kHard) {
-      dv_dh = kDetach ? 1.0f - fire : (1.0f - fire) + (c.v_reset - hi) * sg;
-    } else {
-      dv_dh = kDetach ? 1.0f : 1.0f - c.v_threshold * sg;
-    }
-    const float gh = gs[i] * sg + gv[i] * dv_dh;
-    gx[i] = decay_input ? gh / c.tau : gh;
-    gv[i] = gh - gh / c.tau;
-  }
+  for (int64_t i = 0; i < n; ++i) gx[i] = lif_grad_step<kHard, kDetach>(h[i], sgbuf[i], gs[i], gv[i], c, decay_input);
 }
 
 SPIKEOPS_SIMD_CLONES

@@ -2,6 +2,9 @@
 // operations is the reference's (spikeops/reference.py) so that spikes match bit for bit.
 #pragma once
 
+#include "../ops.h"
+#include "simd_math.h"
+
 namespace spikeops {
 namespace cpu {
 
@@ -23,6 +26,41 @@ static inline __attribute__((always_inline)) bool lif_fire(float h, LifConsts c)
 template <bool kHard>
 static inline __attribute__((always_inline)) float lif_reset(float h, bool fire, LifConsts c) {
   return kHard ? (fire ? c.v_reset : h) : (fire ? h - c.v_threshold : h);
+}
+
+// Surrogate dS/dH at d = H - v_threshold.
+//   sigmoid: alpha * e / (1 + e)^2 with e = exp(-|alpha d|)  (= alpha sig(alpha d)(1 - sig(alpha d)))
+//   atan:    alpha / 2 / (1 + (pi/2 alpha d)^2)
+template <int64_t kSurrogate>
+static inline __attribute__((always_inline)) float surrogate_grad(float d, float alpha) {
+  if (kSurrogate == kSigmoid) {
+    const float z = alpha * d;
+    const float e = exp_approx(-__builtin_fabsf(z));
+    const float one_e = 1.0f + e;
+    return alpha * e / (one_e * one_e);
+  } else {
+    const float z = 1.57079632679489662f * alpha * d;
+    return alpha / 2.0f / (1.0f + z * z);
+  }
+}
+
+// One backward step at H: returns dL/dX and carries dL/dV (gv) to the previous step.
+//   dL/dH = gs * sg + gv * dV/dH,  dV/dH = 1 - S (+ (r - H) sg without detach) for hard reset,
+//   1 (- v_threshold sg without detach) for soft reset; dL/dX = dL/dH / tau (decay_input) or
+//   dL/dH; dL/dV_prev = dL/dH - dL/dH / tau.
+template <bool kHard, bool kDetach>
+static inline __attribute__((always_inline)) float lif_grad_step(float h, float sg, float gs, float& gv,
+                                                                 LifConsts c, bool decay_input) {
+  const float fire = (h - c.v_threshold) >= 0.0f ? 1.0f : 0.0f;
+  float dv_dh;
+  if (kHard) {
+    dv_dh = kDetach ? 1.0f - fire : (1.0f - fire) + (c.v_reset - h) * sg;
+  } else {
+    dv_dh = kDetach ? 1.0f : 1.0f - c.v_threshold * sg;
+  }
+  const float gh = gs * sg + gv * dv_dh;
+  gv = gh - gh / c.tau;
+  return decay_input ? gh / c.tau : gh;
 }
 
 }  // namespace cpu
