@@ -1,6 +1,7 @@
 // Declarations of the CPU kernels exported by spikeops._C (bound in csrc/module.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <optional>
 #include <tuple>
 
 namespace spikeops {
@@ -37,6 +38,16 @@ at::Tensor spike_matmul_packed(const at::Tensor& a_words, const at::Tensor& bt_w
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
     double v_threshold, double tau, bool save_packed);
+
+// Token attention: q, k (, p) [T, BH, N, d] contiguous 0/1 -> (out = LIF(sum_c q (+ sum_c p)) * k,
+// the attention neuron's H [T, BH, N] fp32 when save_h (else empty), all inputs were 0/1).
+std::tuple<at::Tensor, at::Tensor, bool> token_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& p, double v_threshold,
+    double tau, bool save_h);
+
+// -> (dL/dS [T, BH, N] fp32 (= dL/dq = dL/dp broadcast over d), dL/dk [T, BH, N, d]).
+std::tuple<at::Tensor, at::Tensor> token_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& k, const at::Tensor& h, double v_threshold, double tau);
 
 }  // namespace cpu
 }  // namespace spikeops

@@ -11,7 +11,7 @@ Quick start::
 from spikeops import backend, nn, reference
 from spikeops import memory
 from spikeops.convert import convert
-from spikeops.ops import PackedSpikes, lif, pack_if_binary, pack_spikes, spike_matmul, ssa, unpack_spikes
+from spikeops.ops import PackedSpikes, lif, pack_if_binary, pack_spikes, spike_matmul, ssa, token_attention, unpack_spikes
 
 __version__ = "0.1.0"
-__all__ = ["lif", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary", "nn", "convert", "backend", "reference", "memory", "__version__"]
+__all__ = ["lif", "token_attention", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary", "nn", "convert", "backend", "reference", "memory", "__version__"]

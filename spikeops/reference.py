@@ -140,3 +140,30 @@ def ssa(
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     y = (qc @ (kc.transpose(-2, -1) @ vc)) * scale
     return lif(y, tau=tau, v_threshold=v_threshold, v_reset=0.0, decay_input=True, detach_reset=True).to(q.dtype)
+
+
+ATTENTION_MODES = ("token", "channel")
+
+
+def token_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    p: Optional[torch.Tensor] = None,
+    v_threshold: float = 0.5,
+    tau: float = 2.0,
+    mode: str = "token",
+) -> torch.Tensor:
+    """QKFormer's Q-K attention (``p=None``) / MSViT's MSSA (with ``p``), spikes ``[T, B, H, N, d]``.
+
+    ``mode="token"``: per token, ``S = sum_c Q (+ sum_c P)`` over the head's d channels, a
+    ``[T, B, H, N, 1]`` mask ``A = LIF(S)``; ``mode="channel"``: sums over the N tokens, a
+    ``[T, B, H, 1, d]`` mask. Returns ``A * K`` (broadcast). The attention neuron has v_reset 0,
+    decay_input, detach_reset and the sigmoid surrogate (alpha 4).
+    """
+    axis = -1 if mode == "token" else -2
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = q.to(compute).sum(axis, keepdim=True)
+    if p is not None:
+        s = s + p.to(compute).sum(axis, keepdim=True)
+    a = lif(s, tau=tau, v_threshold=v_threshold, v_reset=0.0, decay_input=True, detach_reset=True)
+    return (a * k.to(compute)).to(q.dtype)

@@ -2,6 +2,7 @@
 from spikeops.ops.lif import lif
 from spikeops.ops.spike_matmul import spike_matmul
 from spikeops.ops.ssa import ssa
+from spikeops.ops.token_attention import token_attention
 from spikeops.ops.pack import PackedSpikes, pack_if_binary, pack_spikes, unpack_spikes
 
-__all__ = ["lif", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary"]
+__all__ = ["lif", "token_attention", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary"]

@@ -1,0 +1,145 @@
+r"""Fused token attention (QKFormer) and multi-scale spiking attention (MSViT): ``spikeops.token_attention``.
+
+For spikes q, k (and p) ``[T, B, H, N, d]``, per time step and head:
+
+.. math::
+
+    S_{n} = \sum_c Q_{n,c} \;(+ \sum_c P_{n,c}), \qquad A = \mathrm{LIF}(S) \text{ over } t,
+    \qquad \mathrm{out}_{n,c} = A_n K_{n,c}
+
+(``mode="channel"`` sums over tokens instead and masks channels). The attention neuron: v_reset 0,
+decay_input, detach_reset, sigmoid surrogate (alpha 4). Linear in N. The sums are exact integer
+counts, so spikes equal the reference bit for bit.
+
+Backward (one kernel): :math:`\partial A = \sum_c \partial\mathrm{out} \odot K`, the surrogate LIF
+backward gives :math:`\partial S`, which is :math:`\partial Q` and :math:`\partial P` broadcast
+over channels; :math:`\partial K = A \odot \partial\mathrm{out}`. It keeps the neuron's H
+(``[T, B, H, N]`` fp32, 1/d of a q-sized tensor) and K bit-packed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from spikeops import backend as _backend
+from spikeops import reference
+from spikeops._validation import check_finite, check_float_tensor, check_time_major
+from spikeops.ops.pack import NOT_BINARY, _pack, _unpack
+
+
+@torch.library.custom_op("spikeops::token_attention_forward", mutates_args=())
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, p: Optional[torch.Tensor], v_threshold: float, tau: float, save: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, p [T, BH, N, d] contiguous -> (out, H [T, BH, N] fp32, k packed [T*BH*N, ceil(d/64)]; empty if not save)."""
+    out, h, binary = _backend.kernel("token_attention", "token_attention_forward", backend)(q, k, p, v_threshold, tau, save)
+    if not binary:
+        raise ValueError("token_attention: q, k and p " + NOT_BINARY.split(": ", 1)[1])
+    k_words = _pack(k.view(-1, k.shape[-1]), False, backend)[0] if save else k.new_empty((0,), dtype=torch.int64)
+    return out, h, k_words
+
+
+@_forward.register_fake
+def _(q, k, p, v_threshold, tau, save, backend):
+    T, BH, N, d = q.shape
+    h = q.new_empty((T, BH, N) if save else (0,), dtype=torch.float32)
+    words = q.new_empty((T * BH * N, -(-d // 64)) if save else (0,), dtype=torch.int64)
+    return torch.empty_like(q), h, words
+
+
+@torch.library.custom_op("spikeops::token_attention_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor, k: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_out, k [T, BH, N, d], H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk [T, BH, N, d])."""
+    return _backend.kernel("token_attention", "token_attention_backward", backend)(grad_out, k, h, v_threshold, tau)
+
+
+@_backward_op.register_fake
+def _(grad_out, k, h, v_threshold, tau, backend):
+    return h.new_empty(h.shape), torch.empty_like(grad_out)
+
+
+def _setup_context(ctx, inputs, output):
+    q, _, p, v_threshold, tau, _, backend = inputs
+    ctx.save_for_backward(output[1], output[2])
+    ctx.shape, ctx.dtype, ctx.has_p = q.shape, q.dtype, p is not None
+    ctx.params = (v_threshold, tau, backend)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, *_):
+    if grad_out is None:
+        return (None,) * 7
+    h, k_words = ctx.saved_tensors
+    if h.numel() == 0:
+        raise RuntimeError("spikeops.token_attention: backward through a forward that ran without grad enabled")
+    v_threshold, tau, backend = ctx.params
+    T, BH, N, d = ctx.shape
+    k = _unpack(k_words, d, ctx.dtype, backend).view(T, BH, N, d)
+    grad_s, grad_k = _backward_op(grad_out.contiguous().to(ctx.dtype), k, h, v_threshold, tau, backend)
+    grad_q = grad_s.unsqueeze(-1).expand(T, BH, N, d).to(ctx.dtype)
+    grad_p = grad_q.clone() if ctx.has_p else None
+    return grad_q.contiguous(), grad_k, grad_p, None, None, None, None
+
+
+torch.library.register_autograd("spikeops::token_attention_forward", _backward, setup_context=_setup_context)
+
+
+def token_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    p: Optional[torch.Tensor] = None,
+    v_threshold: float = 0.5,
+    tau: float = 2.0,
+    mode: str = "token",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Q-K token attention (``p=None``, QKFormer) or MSSA (with ``p``, MSViT) in one fused kernel.
+
+    Args:
+        q, k, p: spikes ``[T, B, H, N, d]`` (0./1.), one shape, dtype and device; p optional.
+        v_threshold: the attention neuron's threshold (QKFormer 0.5; MSViT's released code 1.0).
+        tau: its time constant, > 1.
+        mode: ``"token"`` (sum over the head's channels, mask tokens) or ``"channel"`` (sum over
+            tokens, mask channels).
+        backend: see :mod:`spikeops.backend`.
+
+    Returns:
+        ``A * k``, ``[T, B, H, N, d]`` in q's dtype (0./1.). Differentiable in q, k, p.
+        Raises ``ValueError`` if an input is not binary.
+    """
+    named = [("q", q), ("k", k)] + ([("p", p)] if p is not None else [])
+    for name, x in named:
+        check_float_tensor(name, x)
+        check_time_major(name, x)
+        if x.dim() != 5:
+            raise ValueError(f"{name} must be [T, B, H, N, d] (5-d), got shape {tuple(x.shape)}")
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
+        if x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, {x.device}")
+    if mode not in reference.ATTENTION_MODES:
+        raise ValueError(f"mode must be one of {reference.ATTENTION_MODES}, got {mode!r}")
+    v_threshold = check_finite("v_threshold", v_threshold)
+    tau = check_finite("tau", tau)
+    if tau <= 1.0:
+        raise ValueError(f"tau must be > 1, got {tau}")
+    chosen = _backend.resolve(q, backend)
+    if chosen == "torch":
+        for name, x in named:
+            if not reference.is_binary(x):
+                raise ValueError(f"token_attention: {name} must hold only 0 and 1 (spikes)")
+        return reference.token_attention(q, k, p, v_threshold, tau, mode)
+    if mode == "channel":  # the same kernel on [.., d, N]: sums over tokens, masks channels
+        swap = [x.transpose(-1, -2) for _, x in named]
+        out = token_attention(*swap[:2], swap[2] if p is not None else None, v_threshold, tau, "token", chosen)
+        return out.transpose(-1, -2)
+    T, B, H, N, d = q.shape
+    flat = [x.contiguous().view(T, B * H, N, d) for _, x in named]
+    save = torch.is_grad_enabled() and any(x.requires_grad for _, x in named)
+    out = _forward(flat[0], flat[1], flat[2] if p is not None else None, v_threshold, tau, save, chosen)[0]
+    return out.view(T, B, H, N, d)
