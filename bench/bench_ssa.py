@@ -3,7 +3,8 @@
 Measured, side by side in one run, for each device (CPU; CUDA when available, the same code on
 CUDA tensors, where ``backend="auto"`` picks Triton), as the median of ``--repeats`` wall-clock
 times in ms (rows marked slow - the eager python loops and everything with a backward - get a
-quarter of the repeats, >= 3):
+quarter of the repeats, >= 3; the rows of one table are timed round-robin, see
+:func:`bench.harness.time_interleaved`, so that load from other processes hits them alike):
 
 * **spike_matmul** (per attention shape): ``spikeops.spike_matmul(a, b)`` (0/1 fp32 in, exact
   int32 out, packing included) vs eager fp32 ``a @ b`` for both association orders of attention,
@@ -200,15 +201,17 @@ def repeats_for(slow: bool, args) -> int:
     return min(args.repeats, max(3, args.repeats // 4)) if slow else args.repeats
 
 
-def measure(row: Row, args, dev: torch.device) -> dict:
-    """Median ms of ``row.fn`` (an error is recorded, not raised)."""
-    reps = repeats_for(row.slow, args)
-    res = {"ms": None, "repeats": reps, "error": None}
-    try:
-        res["ms"] = H.median(H.time_ms(row.fn, reps, args.warmup, dev))
-    except Exception as exc:  # noqa: BLE001
-        res["error"] = error_string(exc)
-    return res
+def measure(rows: list[Row], args, dev: torch.device) -> dict[str, dict]:
+    """Median ms of each row, the rows timed round-robin (errors are recorded, not raised)."""
+    reps = {r.name: repeats_for(r.slow, args) for r in rows}
+    times = H.time_interleaved({r.name: r.fn for r in rows}, reps, args.warmup, dev)
+    out = {}
+    for r in rows:
+        t = times[r.name]
+        ok = isinstance(t, list) and t
+        out[r.name] = {"ms": H.median(t) if ok else None, "repeats": reps[r.name],
+                       "error": None if ok else error_string(t) if isinstance(t, BaseException) else "no timings"}
+    return out
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -243,10 +246,15 @@ def saved_mb(fn: Callable[[], object]) -> tuple[Optional[float], Optional[str]]:
 def bench_matmul(q, k, v, args) -> dict:
     dev = q.device
     kt = k.transpose(-2, -1)
+    products = {"Q K^T": (q, kt), "K^T V": (kt, v)}
+    rows = []
+    for prod, (a, b) in products.items():
+        rows += [Row(f"{prod} spikeops", lambda a=a, b=b: spikeops.spike_matmul(a, b)),
+                 Row(f"{prod} eager", lambda a=a, b=b: a @ b)]
+    times = measure(rows, args, dev)
     out = {}
-    for prod, (a, b) in {"Q K^T": (q, kt), "K^T V": (kt, v)}.items():
-        sp = measure(Row("spikeops.spike_matmul", lambda: spikeops.spike_matmul(a, b)), args, dev)
-        ea = measure(Row("eager a @ b", lambda: a @ b), args, dev)
+    for prod, (a, b) in products.items():
+        sp, ea = times[f"{prod} spikeops"], times[f"{prod} eager"]
         got, err = try_call(lambda: spikeops.spike_matmul(a, b))
         exact = None if got is None else bool(torch.equal(got, (a @ b).to(torch.int32)))
         out[prod] = {"a_shape": list(a.shape), "b_shape": list(b.shape), "spikeops": sp, "eager": ea,
@@ -278,7 +286,7 @@ def bench_ssa(q, k, v, args) -> dict:
     fwd_rows = [Row(FLOOR, lambda: torch.addcmul(q, k, v, out=o)), Row(SPIKEOPS_SSA, lambda: spikeops.ssa(q, k, v))]
     fwd_rows += [Row(n, f, slow=True) for n, f in eager_rows.items()]
     with torch.no_grad():
-        fwd = {r.name: measure(r, args, dev) for r in fwd_rows}
+        fwd = measure(fwd_rows, args, dev)
         ref, ref_err = try_call(lambda: spikeops.ssa(q, k, v))
         for name, f in eager_rows.items():
             got, err = try_call(f)
@@ -300,12 +308,10 @@ def bench_ssa(q, k, v, args) -> dict:
 
     fb_fns = {SPIKEOPS_SSA: spikeops.ssa}
     fb_fns.update({n: eager(n.split()[1], n.split()[3]) for n in eager_rows})
-    fwd_bwd = {}
+    fwd_bwd = measure([Row(name, fb(f), slow=True) for name, f in fb_fns.items()], args, dev)
     for name, f in fb_fns.items():
-        res = measure(Row(name, fb(f), slow=True), args, dev)
-        res["saved_mb"], err = saved_mb(lambda f=f: f(qg, kg, vg))
-        res["error"] = res["error"] or err
-        fwd_bwd[name] = res
+        fwd_bwd[name]["saved_mb"], err = saved_mb(lambda f=f: f(qg, kg, vg))
+        fwd_bwd[name]["error"] = fwd_bwd[name]["error"] or err
     sp_fb = fwd_bwd[SPIKEOPS_SSA]["ms"]
     for r in fwd_bwd.values():
         r["over_spikeops"] = ratio(r["ms"], sp_fb)
@@ -321,7 +327,7 @@ def bench_pack(dev: torch.device, dtype: torch.dtype, args) -> dict:
             Row("pack_spikes(x)", lambda: spikeops.pack_spikes(x)),
             Row("pack_spikes(x, check=False)", lambda: spikeops.pack_spikes(x, check=False)),
             Row("unpack_spikes(p)", lambda: spikeops.unpack_spikes(packed))]
-    res = {r.name: measure(r, args, dev) for r in rows}
+    res = measure(rows, args, dev)
     words_bytes = None if packed is None else packed.words.numel() * packed.words.element_size()
     clone = res["x.clone() [floor]"]["ms"]
     for name, r in res.items():
@@ -360,6 +366,7 @@ def bench_block(dev: torch.device, dtype: torch.dtype, args) -> dict:
     models = {"eager Block (nn.Linear+BN+SJ LIF)": ea}
     if sp is not None:
         models = {"spikeops Block": sp, **models}
+    fwd_rows, fwd_bwd_rows = [], []
     for name, m in models.items():
         f, params = call(m), list(m.parameters())
 
@@ -370,8 +377,12 @@ def bench_block(dev: torch.device, dtype: torch.dtype, args) -> dict:
         def fwd_bwd(f=f, params=params):
             return torch.autograd.grad(f(x), [x] + params, g)
 
-        r = {"fwd": measure(Row(name, fwd, slow=True), args, dev),
-             "fwd_bwd": measure(Row(name, fwd_bwd, slow=True), args, dev), "error": None}
+        fwd_rows.append(Row(name, fwd, slow=True))
+        fwd_bwd_rows.append(Row(name, fwd_bwd, slow=True))
+    fwd_times, fwd_bwd_times = measure(fwd_rows, args, dev), measure(fwd_bwd_rows, args, dev)
+    for name, m in models.items():
+        f, params = call(m), list(m.parameters())
+        r = {"fwd": fwd_times[name], "fwd_bwd": fwd_bwd_times[name], "error": None}
         r["fwd_ms"], r["fwd_bwd_ms"] = r["fwd"]["ms"], r["fwd_bwd"]["ms"]
         r["error"] = r["fwd"]["error"] or r["fwd_bwd"]["error"]
         try:

@@ -2,6 +2,8 @@
 
 * :func:`time_ms` - wall time of one call in milliseconds, after warm-up, ``repeats`` times
   (``time.perf_counter`` on CPU; CUDA events after a synchronize on CUDA). Report the median.
+  :func:`time_interleaved` times several functions round-robin (fairer side by side on a
+  machine shared with other work).
 * :func:`saved_bytes` - bytes that autograd keeps for backward after one forward call:
   a ``saved_tensors_hooks`` pack hook sums ``untyped_storage().nbytes()`` over the *distinct*
   storages (by data pointer) of the tensors saved, so several views of one buffer count once.
@@ -100,6 +102,29 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int, device: torch.d
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: dict[str, int], warmup: int,
+                     device: torch.device) -> dict[str, object]:
+    """Like :func:`time_ms` for several functions, timed round-robin (one call of each per round,
+    ``repeats[name]`` calls in all), so that a burst of load from other processes hits every row
+    of a side-by-side table alike instead of one row. Returns name -> list of ms, or the
+    exception that the function raised (the others go on)."""
+    out: dict[str, object] = {}
+    for name, fn in fns.items():
+        try:
+            time_ms(fn, 0, warmup, device)
+            out[name] = []
+        except Exception as exc:  # noqa: BLE001 - reported per row by the caller
+            out[name] = exc
+    for i in range(max(repeats.values(), default=0)):
+        for name, fn in fns.items():
+            if isinstance(out[name], list) and i < repeats[name]:
+                try:
+                    out[name].extend(time_ms(fn, 1, 0, device))
+                except Exception as exc:  # noqa: BLE001
+                    out[name] = exc
+    return out
 
 
 def median(xs: Sequence[float]) -> float:

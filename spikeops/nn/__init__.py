@@ -1,6 +1,7 @@
 """Drop-in ``torch.nn`` modules built on spikeops ops."""
 from spikeops.nn.attention import SpikeLinearBNLIF, SpikingMLP, SpikingSelfAttention
 from spikeops.nn.lif import LIF
+from spikeops.nn.token_attention import ConvBNLIF, MultiScaleSpikingAttention, QKTokenAttention
 from spikeops.nn.spike_layers import SpikeConv1d, SpikeConv2d, SpikeLinear
 
-__all__ = ["LIF", "SpikingSelfAttention", "SpikingMLP", "SpikeLinearBNLIF", "SpikeLinear", "SpikeConv1d", "SpikeConv2d"]
+__all__ = ["LIF", "QKTokenAttention", "MultiScaleSpikingAttention", "ConvBNLIF", "SpikingSelfAttention", "SpikingMLP", "SpikeLinearBNLIF", "SpikeLinear", "SpikeConv1d", "SpikeConv2d"]

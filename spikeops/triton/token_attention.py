@@ -1,0 +1,99 @@
+"""Token attention / MSSA in Triton: the semantics are in :mod:`spikeops.ops.token_attention`.
+
+Each program owns BLOCK_T tokens (rows of d channels) of the flattened ``[T, BH*N, d]`` view
+and walks t with the attention neuron's potential in registers: forward sums q (and p) over
+the row, steps the LIF and writes ``A * k``; backward walks t in reverse, reducing
+``dout * k`` over the row into dL/dA, stepping the LIF backward and writing dL/dk = A * dout.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_T = 32
+ALPHA = 4.0  # sigmoid surrogate of the attention neuron
+
+
+def token_attention_forward(q, k, p, v_threshold, tau, save_h):
+    """q, k, p [T, BH, N, d] -> (out, H [T, BH, N] fp32 or empty, all inputs 0/1)."""
+    T, BH, N, d = q.shape
+    out = torch.empty_like(q)
+    h = torch.empty((T, BH, N) if save_h else (0,), device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(BH * N, BLOCK_T),)
+    bad = torch.zeros(grid, device=q.device, dtype=torch.int32)
+    _forward_kernel[grid](
+        q, k, p if p is not None else q, out, h if save_h else out, bad, T, BH * N, d, float(v_threshold), float(tau),
+        HAS_P=p is not None, SAVE_H=bool(save_h), BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out, h, not bool(bad.any())
+
+
+def token_attention_backward(grad_out, k, h, v_threshold, tau):
+    """grad_out, k [T, BH, N, d], H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk [T, BH, N, d])."""
+    T, BH, N, d = grad_out.shape
+    grad_s = torch.empty((T, BH, N), device=h.device, dtype=torch.float32)
+    grad_k = torch.empty_like(grad_out)
+    grid = (triton.cdiv(BH * N, BLOCK_T),)
+    _backward_kernel[grid](
+        grad_out, k, h, grad_s, grad_k, T, BH * N, d, float(v_threshold), float(tau),
+        BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return grad_s, grad_k
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, bad_ptr, T, R, d, v_threshold, tau,
+    HAS_P: tl.constexpr, SAVE_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < R) & (cols[None, :] < d)
+    tau_v = tl.zeros([BLOCK_T], dtype=tl.float32) + tau
+    v = tl.zeros([BLOCK_T], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    for t in range(T):
+        offs = (t * R + rows[:, None]) * d + cols[None, :]
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bad |= tl.where(((q != 0.0) & (q != 1.0)) | ((k != 0.0) & (k != 1.0)), 1, 0)
+        s = tl.sum(q, axis=1)
+        if HAS_P:
+            pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
+            s = s + tl.sum(pv, axis=1)
+        h = v + tl.math.div_rn(s - v, tau_v)
+        fire = (h - v_threshold) >= 0.0
+        if SAVE_H:
+            tl.store(h_ptr + t * R + rows, h, mask=rows < R)
+        tl.store(out_ptr + offs, tl.where(fire[:, None], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+        v = tl.where(fire, 0.0, h)
+    tl.store(bad_ptr + pid, tl.max(tl.max(bad, axis=1), axis=0))
+
+
+@triton.jit
+def _backward_kernel(
+    g_ptr, k_ptr, h_ptr, gs_ptr, gk_ptr, T, R, d, v_threshold, tau,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < R) & (cols[None, :] < d)
+    tau_v = tl.zeros([BLOCK_T], dtype=tl.float32) + tau
+    gv = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for i in range(T):
+        t = T - 1 - i
+        offs = (t * R + rows[:, None]) * d + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + t * R + rows, mask=rows < R, other=0.0)
+        dist = h - v_threshold
+        fire = dist >= 0.0
+        tl.store(gk_ptr + offs, tl.where(fire[:, None], g, 0.0).to(gk_ptr.dtype.element_ty), mask=mask)
+        e = tl.exp(-tl.abs(ALPHA * dist))
+        sg = ALPHA * e / ((1.0 + e) * (1.0 + e))
+        gh = tl.sum(g * k, axis=1) * sg + gv * tl.where(fire, 0.0, 1.0)
+        tl.store(gs_ptr + t * R + rows, tl.math.div_rn(gh, tau_v), mask=rows < R)
+        gv = gh - tl.math.div_rn(gh, tau_v)
