@@ -10,13 +10,14 @@ namespace cpu {
 // Surrogate-gradient ids shared with spikeops/ops/lif.py (SURROGATE_IDS).
 enum Surrogate : int64_t { kSigmoid = 0, kATan = 1 };
 
-// x: [T, N] contiguous fp32/fp16/bf16. Returns (spikes [T, N] in x's dtype,
-// h [T, N] fp32 when save_h else an empty fp32 tensor).
+// x: [T, N] contiguous fp32/fp16/bf16. Returns (spikes [T, N] in x's dtype, the state for
+// backward [T, N] when save_h else an empty tensor): H in fp32, or with state_bf16 the
+// distance H - v_threshold rounded to bf16 (-0 normalised to +0, so its sign bit is the spike).
 std::tuple<at::Tensor, at::Tensor> lif_forward(
     const at::Tensor& x, double tau, double v_threshold, double v_reset,
-    bool hard_reset, bool decay_input, bool save_h);
+    bool hard_reset, bool decay_input, bool save_h, bool state_bf16);
 
-// grad_spikes: [T, N] (any float dtype), h: [T, N] fp32 from lif_forward.
+// grad_spikes: [T, N] (any float dtype), h: [T, N] state from lif_forward (fp32 or bf16).
 // Returns grad_x [T, N] in grad_spikes' dtype.
 at::Tensor lif_backward(
     const at::Tensor& grad_spikes, const at::Tensor& h, double tau, double v_threshold,
@@ -48,6 +49,24 @@ std::tuple<at::Tensor, at::Tensor, bool> token_attention_forward(
 // -> (dL/dS [T, BH, N] fp32 (= dL/dq = dL/dp broadcast over d), dL/dk [T, BH, N, d]).
 std::tuple<at::Tensor, at::Tensor> token_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& k, const at::Tensor& h, double v_threshold, double tau);
+
+// Masked (block-sparse) convolution, csrc/cpu/masked_conv.cpp. blocks: contiguous int32 [nb, 3]
+// (n, by, bx) of the visible bh x bw output blocks, in torch.nonzero order. Rows [C, P] hold the
+// visible pixels, column p = (b * bh + py) * bw + px.
+// x [N, C, H, W] contiguous -> rows [C, nb * bh * bw].
+at::Tensor masked_gather(const at::Tensor& x, const at::Tensor& blocks, int64_t bh, int64_t bw);
+// rows [C, P] -> [N, C, H, W]: rows at the visible blocks, exactly 0 elsewhere.
+at::Tensor masked_scatter(const at::Tensor& rows, const at::Tensor& blocks, int64_t N, int64_t H, int64_t W,
+                          int64_t bh, int64_t bw);
+// conv2d(x, weight, bias, stride, padding) at the visible blocks of the [N, C_out, Ho, Wo] output, 0 elsewhere.
+at::Tensor masked_conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& blocks, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t bh,
+                                 int64_t bw, int64_t Ho, int64_t Wo);
+// -> (dx [N, C, H, W], dW, db); each an empty tensor when not needed (x may be empty when !need_w).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& blocks, int64_t sh,
+    int64_t sw, int64_t ph, int64_t pw, int64_t bh, int64_t bw, int64_t H, int64_t W, bool need_x, bool need_w,
+    bool need_b);
 
 }  // namespace cpu
 }  // namespace spikeops

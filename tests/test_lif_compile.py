@@ -7,9 +7,9 @@ import spikeops
 from harness import KERNEL_BACKENDS, device_for
 
 
-def op_args(x, backend, save_h=True):
-    # x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, save_h, backend
-    return (x, 2.0, 1.0, 0.0, True, True, True, 0, 4.0, save_h, backend)
+def op_args(x, backend, save_h=True, state_bf16=False):
+    # x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, save_h, state_bf16, backend
+    return (x, 2.0, 1.0, 0.0, True, True, True, 0, 4.0, save_h, state_bf16, backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -17,6 +17,7 @@ def test_forward_op_passes_opcheck(backend):
     x = (torch.randn(4, 37) + 0.5).to(device_for(backend)).requires_grad_()
     torch.library.opcheck(torch.ops.spikeops.lif_forward.default, op_args(x, backend))
     torch.library.opcheck(torch.ops.spikeops.lif_forward.default, op_args(x.detach(), backend, save_h=False))
+    torch.library.opcheck(torch.ops.spikeops.lif_forward.default, op_args(x, backend, state_bf16=True))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -55,21 +55,22 @@ void step_forward(const float* x, float* v, float* s, float* h, int64_t n, LifCo
   }
 }
 
+// d: H - v_threshold (lif_distance). The surrogate gets a loop of its own: fused into the
+// loop below, GCC does not vectorise it.
 template <bool kHard, bool kDetach, int64_t kSurrogate>
 static inline __attribute__((always_inline)) void step_backward_impl(
-    const float* __restrict gs, const float* __restrict h, float* __restrict gv,
+    const float* __restrict gs, const float* __restrict d, float* __restrict gv,
     float* __restrict gx, int64_t n, LifConsts c, float alpha, bool decay_input) {
-  // The surrogate gets a loop of its own: fused into the loop below, GCC does not vectorise it.
   float sgbuf[kChunk];
-  for (int64_t i = 0; i < n; ++i) sgbuf[i] = surrogate_grad<kSurrogate>(h[i] - c.v_threshold, alpha);
-  for (int64_t i = 0; i < n; ++i) gx[i] = lif_grad_step<kHard, kDetach>(h[i], sgbuf[i], gs[i], gv[i], c, decay_input);
+  for (int64_t i = 0; i < n; ++i) sgbuf[i] = surrogate_grad<kSurrogate>(d[i], alpha);
+  for (int64_t i = 0; i < n; ++i) gx[i] = lif_grad_step<kHard, kDetach>(d[i], sgbuf[i], gs[i], gv[i], c, decay_input);
 }
 
 SPIKEOPS_SIMD_CLONES
-void step_backward(const float* gs, const float* h, float* gv, float* gx, int64_t n,
+void step_backward(const float* gs, const float* d, float* gv, float* gx, int64_t n,
                    LifConsts c, float alpha, bool hard, bool detach, int64_t surrogate,
                    bool decay_input) {
-#define SPIKEOPS_BWD(H, D, S) step_backward_impl<H, D, S>(gs, h, gv, gx, n, c, alpha, decay_input)
+#define SPIKEOPS_BWD(H, D, S) step_backward_impl<H, D, S>(gs, d, gv, gx, n, c, alpha, decay_input)
   if (surrogate == kSigmoid) {
     if (hard) { detach ? SPIKEOPS_BWD(true, true, kSigmoid) : SPIKEOPS_BWD(true, false, kSigmoid); }
     else { detach ? SPIKEOPS_BWD(false, true, kSigmoid) : SPIKEOPS_BWD(false, false, kSigmoid); }
@@ -108,24 +109,42 @@ inline void store_from_float(scalar_t* dst, const float* src, int64_t n) {
   }
 }
 
+// The saved state of n neurons at one step: H (fp32 state) or H - v_threshold rounded to bf16.
+SPIKEOPS_SIMD_CLONES
+void store_state_bf16(const float* h, uint16_t* out, int64_t n, LifConsts c) {
+  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(lif_distance(h[i], c));
+}
+
+// ... and back, as d = H - v_threshold for step_backward.
+SPIKEOPS_SIMD_CLONES
+void load_state(const float* h, const uint16_t* h_bf16, float* d, int64_t n, LifConsts c) {
+  if (h_bf16) {
+    for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_float(h_bf16[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = lif_distance(h[i], c);
+  }
+}
+
 constexpr int64_t kGrain = 4 * kChunk;
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lif_forward(
     const at::Tensor& x, double tau, double v_threshold, double v_reset,
-    bool hard_reset, bool decay_input, bool save_h) {
+    bool hard_reset, bool decay_input, bool save_h, bool state_bf16) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lif_forward: x must be contiguous [T, N]");
   const int64_t T = x.size(0), N = x.size(1);
   auto spikes = at::empty_like(x);
-  auto h = save_h ? at::empty({T, N}, x.options().dtype(at::kFloat))
-                  : at::empty({0}, x.options().dtype(at::kFloat));
+  const auto state_type = state_bf16 ? at::kBFloat16 : at::kFloat;
+  auto h = save_h ? at::empty({T, N}, x.options().dtype(state_type))
+                  : at::empty({0}, x.options().dtype(state_type));
   const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold),
                     static_cast<float>(hard_reset ? v_reset : 0.0)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* sp = spikes.mutable_data_ptr<scalar_t>();
-    float* hp = save_h ? h.mutable_data_ptr<float>() : nullptr;
+    float* hp = save_h && !state_bf16 ? h.mutable_data_ptr<float>() : nullptr;
+    uint16_t* hbp = save_h && state_bf16 ? reinterpret_cast<uint16_t*>(h.mutable_data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       float v[kChunk], xbuf[kChunk], sbuf[kChunk], hbuf[kChunk];
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
@@ -137,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
           step_forward(as_float(xp + off, xbuf, n), v, s_out, hp ? hp + off : hbuf, n, c,
                        hard_reset, decay_input);
           store_from_float(sp + off, s_out, n);
+          if (hbp) store_state_bf16(hbuf, hbp + off, n, c);
         }
       }
     });
@@ -150,8 +170,9 @@ at::Tensor lif_backward(
     int64_t surrogate, double alpha) {
   TORCH_CHECK(grad_spikes.dim() == 2 && grad_spikes.is_contiguous(),
               "lif_backward: grad_spikes must be contiguous [T, N]");
-  TORCH_CHECK(h.sizes() == grad_spikes.sizes() && h.scalar_type() == at::kFloat && h.is_contiguous(),
-              "lif_backward: h must be contiguous fp32 with grad_spikes' shape");
+  TORCH_CHECK(h.sizes() == grad_spikes.sizes() && h.is_contiguous() &&
+                  (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
+              "lif_backward: h must be the contiguous fp32/bf16 state of lif_forward");
   TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, "lif_backward: unknown surrogate id");
   const int64_t T = grad_spikes.size(0), N = grad_spikes.size(1);
   auto grad_x = at::empty_like(grad_spikes);
@@ -161,16 +182,19 @@ at::Tensor lif_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward", [&] {
     const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-    const float* hp = h.const_data_ptr<float>();
+    const bool bf16 = h.scalar_type() == at::kBFloat16;
+    const float* hp = bf16 ? nullptr : h.const_data_ptr<float>();
+    const uint16_t* hbp = bf16 ? reinterpret_cast<const uint16_t*>(h.const_data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      float gv[kChunk], gsbuf[kChunk], gxbuf[kChunk];
+      float gv[kChunk], gsbuf[kChunk], gxbuf[kChunk], dbuf[kChunk];
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t n = std::min(kChunk, end - c0);
         std::fill(gv, gv + n, 0.0f);
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t off = t * N + c0;
           float* gx_out = float_out(gxp + off, gxbuf);
-          step_backward(as_float(gsp + off, gsbuf, n), hp + off, gv, gx_out, n, c, a,
+          load_state(hp ? hp + off : nullptr, hbp ? hbp + off : nullptr, dbuf, n, c);
+          step_backward(as_float(gsp + off, gsbuf, n), dbuf, gv, gx_out, n, c, a,
                         hard_reset, detach_reset, surrogate, decay_input);
           store_from_float(gxp + off, gx_out, n);
         }

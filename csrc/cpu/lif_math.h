@@ -5,6 +5,8 @@
 #include "../ops.h"
 #include "simd_math.h"
 
+#include <cstdint>
+
 namespace spikeops {
 namespace cpu {
 
@@ -44,23 +46,45 @@ static inline __attribute__((always_inline)) float surrogate_grad(float d, float
   }
 }
 
-// One backward step at H: returns dL/dX and carries dL/dV (gv) to the previous step.
+// One backward step, given d = H - v_threshold with -0 normalised to +0 (so that the spike is
+// exactly "sign bit of d clear", also after rounding d to bf16). Returns dL/dX and carries
+// dL/dV (gv) to the previous step:
 //   dL/dH = gs * sg + gv * dV/dH,  dV/dH = 1 - S (+ (r - H) sg without detach) for hard reset,
 //   1 (- v_threshold sg without detach) for soft reset; dL/dX = dL/dH / tau (decay_input) or
 //   dL/dH; dL/dV_prev = dL/dH - dL/dH / tau.
 template <bool kHard, bool kDetach>
-static inline __attribute__((always_inline)) float lif_grad_step(float h, float sg, float gs, float& gv,
+static inline __attribute__((always_inline)) float lif_grad_step(float d, float sg, float gs, float& gv,
                                                                  LifConsts c, bool decay_input) {
-  const float fire = (h - c.v_threshold) >= 0.0f ? 1.0f : 0.0f;
+  const float fire = __builtin_signbit(d) ? 0.0f : 1.0f;
   float dv_dh;
   if (kHard) {
-    dv_dh = kDetach ? 1.0f - fire : (1.0f - fire) + (c.v_reset - h) * sg;
+    dv_dh = kDetach ? 1.0f - fire : (1.0f - fire) + ((c.v_reset - c.v_threshold) - d) * sg;
   } else {
     dv_dh = kDetach ? 1.0f : 1.0f - c.v_threshold * sg;
   }
   const float gh = gs * sg + gv * dv_dh;
   gv = gh - gh / c.tau;
   return decay_input ? gh / c.tau : gh;
+}
+
+// d = H - v_threshold as lif_grad_step wants it (-0 -> +0).
+static inline __attribute__((always_inline)) float lif_distance(float h, LifConsts c) {
+  return (h - c.v_threshold) + 0.0f;
+}
+
+// fp32 <-> bf16 (round to nearest even; NaN stays NaN) with integer ops that vectorise.
+static inline __attribute__((always_inline)) uint16_t float_to_bf16(float f) {
+  uint32_t b;
+  __builtin_memcpy(&b, &f, sizeof(b));
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+
+static inline __attribute__((always_inline)) float bf16_to_float(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &b, sizeof(f));
+  return f;
 }
 
 }  // namespace cpu

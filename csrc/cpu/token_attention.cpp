@@ -104,8 +104,8 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
             ga += g * static_cast<float>(kp[row + j]);
             gkp[row + j] = static_cast<scalar_t>(fire ? g : 0.0f);
           }
-          const float sg = surrogate_grad<kSigmoid>(hv - c.v_threshold, 4.0f);
-          gsp[idx] = lif_grad_step<true, true>(hv, sg, ga, gv, c, true);
+          const float d = lif_distance(hv, c);
+          gsp[idx] = lif_grad_step<true, true>(d, surrogate_grad<kSigmoid>(d, 4.0f), ga, gv, c, true);
         }
       }
     });

@@ -69,7 +69,7 @@ def _backward(ctx, grad, *_):
     kv = k.transpose(-2, -1) @ v                       # [T, BH, d, d], exact integers
     y = ((q @ kv) * scale).view(T, -1)                 # the forward's attention input, recomputed exactly
     lif_args = (tau, v_threshold, 0.0, True, True, True, SURROGATE_IDS[ATTN_SURROGATE], ATTN_ALPHA)
-    _, h = _lif_forward(y, *lif_args, True, backend)
+    _, h = _lif_forward(y, *lif_args, True, False, backend)
     dy = _lif_backward(grad.contiguous().view(T, -1).float(), h, *lif_args, backend)
     g = dy.view(T, BH, N, d) * scale
     dkv = q.transpose(-2, -1) @ g

@@ -16,23 +16,25 @@ NUM_WARPS = 4
 SIGMOID, ATAN = 0, 1  # spikeops.ops.lif.SURROGATE_IDS
 
 
-def lif_forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h):
-    """x [T, N] contiguous -> (spikes [T, N] in x's dtype, H [T, N] fp32 or an empty tensor)."""
+def lif_forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h, state_bf16):
+    """x [T, N] contiguous -> (spikes [T, N] in x's dtype, state [T, N] or an empty tensor): H in
+    fp32, or H - v_threshold in bf16 (-0 made +0: the sign bit is the spike)."""
     T, N = x.shape
     spikes = torch.empty_like(x)
-    h = torch.empty((T, N) if save_h else (0,), device=x.device, dtype=torch.float32)
+    state_dtype = torch.bfloat16 if state_bf16 else torch.float32
+    h = torch.empty((T, N) if save_h else (0,), device=x.device, dtype=state_dtype)
     grid = (triton.cdiv(N, BLOCK),)
     _lif_forward_kernel[grid](
         x, spikes, h if save_h else spikes, T, N, float(tau), float(v_threshold),
         float(v_reset) if hard_reset else 0.0,
         HARD=bool(hard_reset), DECAY_INPUT=bool(decay_input), SAVE_H=bool(save_h),
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        STATE_BF16=bool(state_bf16), BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return spikes, h
 
 
 def lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha):
-    """grad_spikes [T, N], H [T, N] fp32 -> grad_x [T, N] in grad_spikes' dtype."""
+    """grad_spikes [T, N], state [T, N] from lif_forward -> grad_x [T, N] in grad_spikes' dtype."""
     T, N = grad_spikes.shape
     grad_x = torch.empty_like(grad_spikes)
     grid = (triton.cdiv(N, BLOCK),)
@@ -40,7 +42,7 @@ def lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_in
         grad_spikes, h, grad_x, T, N, (T - 1) * N, float(tau), float(v_threshold),
         float(v_reset) if hard_reset else 0.0, float(alpha),
         HARD=bool(hard_reset), DECAY_INPUT=bool(decay_input), DETACH_RESET=bool(detach_reset),
-        SURROGATE=int(surrogate), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        SURROGATE=int(surrogate), STATE_BF16=h.dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return grad_x
 
@@ -48,7 +50,8 @@ def lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_in
 @triton.jit
 def _lif_forward_kernel(
     x_ptr, s_ptr, h_ptr, T, N, tau, v_threshold, v_reset,
-    HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, SAVE_H: tl.constexpr, BLOCK: tl.constexpr,
+    HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, SAVE_H: tl.constexpr, STATE_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -62,7 +65,10 @@ def _lif_forward_kernel(
         fire = (h - v_threshold) >= 0.0
         tl.store(s_ptr + offs, tl.where(fire, 1.0, 0.0).to(s_ptr.dtype.element_ty), mask=mask)
         if SAVE_H:
-            tl.store(h_ptr + offs, h, mask=mask)
+            if STATE_BF16:
+                tl.store(h_ptr + offs, ((h - v_threshold) + 0.0).to(tl.bfloat16), mask=mask)
+            else:
+                tl.store(h_ptr + offs, h, mask=mask)
             h_ptr += N
         if HARD:
             v = tl.where(fire, v_reset, h)
@@ -76,7 +82,7 @@ def _lif_forward_kernel(
 def _lif_backward_kernel(
     gs_ptr, h_ptr, gx_ptr, T, N, last_offset, tau, v_threshold, v_reset, alpha,
     HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, BLOCK: tl.constexpr,
+    SURROGATE: tl.constexpr, STATE_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -86,10 +92,13 @@ def _lif_backward_kernel(
     tau_v = tl.zeros([BLOCK], dtype=tl.float32) + tau
     gv = tl.zeros([BLOCK], dtype=tl.float32)
     for _ in range(T):
-        h = tl.load(h_ptr + offs, mask=mask, other=0.0)
+        state = tl.load(h_ptr + offs, mask=mask, other=0.0)
         gs = tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = h - v_threshold
-        fire = tl.where(d >= 0.0, 1.0, 0.0)
+        if STATE_BF16:
+            d = state.to(tl.float32)
+        else:
+            d = (state - v_threshold) + 0.0  # -0 -> +0: the spike is "sign bit clear"
+        fire = tl.where(d.to(tl.int32, bitcast=True) >= 0, 1.0, 0.0)
         if SURROGATE == SIGMOID:
             e = tl.exp(-tl.abs(alpha * d))
             sg = alpha * e / ((1.0 + e) * (1.0 + e))
@@ -100,10 +109,10 @@ def _lif_backward_kernel(
             if DETACH_RESET:
                 dv_dh = 1.0 - fire
             else:
-                dv_dh = (1.0 - fire) + (v_reset - h) * sg
+                dv_dh = (1.0 - fire) + ((v_reset - v_threshold) - d) * sg
         else:
             if DETACH_RESET:
-                dv_dh = tl.zeros_like(h) + 1.0
+                dv_dh = tl.zeros_like(d) + 1.0
             else:
                 dv_dh = 1.0 - v_threshold * sg
         gh = gs * sg + gv * dv_dh
