@@ -15,3 +15,7 @@ from spikeops.ops import PackedSpikes, lif, pack_if_binary, pack_spikes, spike_m
 
 __version__ = "0.1.0"
 __all__ = ["lif", "token_attention", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary", "nn", "convert", "backend", "reference", "memory", "__version__"]
+from spikeops.ops import masked_batch_norm2d, masked_conv2d
+from spikeops.nn.masked import masking
+
+__all__ += ["masked_conv2d", "masked_batch_norm2d", "masking"]

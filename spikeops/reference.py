@@ -167,3 +167,55 @@ def token_attention(
         s = s + p.to(compute).sum(axis, keepdim=True)
     a = lif(s, tau=tau, v_threshold=v_threshold, v_reset=0.0, decay_input=True, detach_reset=True)
     return (a * k.to(compute)).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Masked (sparse) convolution and BatchNorm for masked pre-training of the Spiking Convolutional
+# Stem (Spikformer V2; SparK-style): the mask [Nm, 1, h, w] marks visible cells; at a layer of
+# resolution H x W each cell is an (H/h) x (W/w) block (nearest upsampling). With time folded
+# into the batch (n = t * Nm + b, time-major), one mask serves all T steps.
+
+
+def upsample_mask(mask: torch.Tensor, n: int, size) -> torch.Tensor:
+    """``mask`` ``[Nm, 1, h, w]`` or ``[Nm, h, w]`` (bool or 0/1) -> bool ``[n, 1, H, W]``: each
+    cell repeated over an (H/h) x (W/w) block, the batch repeated n / Nm times (time-major)."""
+    m = mask if mask.dtype == torch.bool else mask != 0
+    if m.dim() == 3:
+        m = m.unsqueeze(1)
+    H, W = size
+    m = m.repeat_interleave(H // m.shape[-2], dim=2).repeat_interleave(W // m.shape[-1], dim=3)
+    return m.repeat(n // m.shape[0], 1, 1, 1)
+
+
+def masked_conv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+) -> torch.Tensor:
+    """Dense ``conv2d(x, weight, bias, stride, padding)`` times the mask upsampled to the output:
+    masked output positions are exactly 0 (SparK's ``SparseConv2d``)."""
+    out = torch.nn.functional.conv2d(x, weight, bias, stride, padding)
+    return out * upsample_mask(mask, out.shape[0], out.shape[-2:]).to(out.dtype)
+
+
+def masked_batch_norm2d_reference(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Gather the visible positions of ``x`` ``[N, C, H, W]`` into ``[P, C]``, BatchNorm1d them
+    (``F.batch_norm``: batch statistics and running-stat updates over the P visible positions
+    only), scatter back into zeros: masked outputs are exactly 0 (SparK's ``SparseBatchNorm2d``)."""
+    m = upsample_mask(mask, x.shape[0], x.shape[-2:])[:, 0]  # [N, H, W]
+    nhwc = x.permute(0, 2, 3, 1)
+    y = torch.nn.functional.batch_norm(nhwc[m], running_mean, running_var, weight, bias, training, momentum, eps)
+    return torch.zeros_like(nhwc).index_put((m,), y).permute(0, 3, 1, 2)

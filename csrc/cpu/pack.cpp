@@ -9,11 +9,30 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 
 #include "../ops.h"
+#include "bits.h"
 
 namespace spikeops {
 namespace cpu {
+namespace {
+
+// One row of n values into words; fp16/bf16/fp64 go through buf one word at a time.
+template <typename scalar_t>
+bool pack_row(const scalar_t* row, int64_t n, uint64_t* words, float* buf) {
+  bool bad = false;
+  for (int64_t w = 0; w * 64 < n; ++w) {
+    const int64_t m = std::min<int64_t>(64, n - w * 64);
+    for (int64_t j = 0; j < m; ++j) buf[j] = static_cast<float>(row[w * 64 + j]);
+    bad |= pack_bits(buf, m, words + w);
+  }
+  return bad;
+}
+
+bool pack_row(const float* row, int64_t n, uint64_t* words, float*) { return pack_bits(row, n, words); }
+
+}  // namespace
 
 std::tuple<at::Tensor, bool> pack_spikes(const at::Tensor& x, bool check) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "pack_spikes: x must be contiguous [R, n]");
@@ -23,21 +42,13 @@ std::tuple<at::Tensor, bool> pack_spikes(const at::Tensor& x, bool check) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_spikes", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     uint64_t* wp = reinterpret_cast<uint64_t*>(words.mutable_data_ptr<int64_t>());
-    at::parallel_for(0, R * W, 1024, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
       bool local_bad = false;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t r = i / W, w = i % W;
-        const scalar_t* src = xp + r * n + w * 64;
-        const int64_t m = std::min<int64_t>(64, n - w * 64);
-        uint64_t bits = 0;
-        for (int64_t j = 0; j < m; ++j) {
-          const float v = static_cast<float>(src[j]);
-          bits |= static_cast<uint64_t>(v != 0.0f) << j;
-          local_bad |= check && v != 0.0f && v != 1.0f;
-        }
-        wp[i] = bits;
+      float buf[64];
+      for (int64_t r = begin; r < end; ++r) {
+        local_bad |= pack_row(xp + r * n, n, wp + r * W, buf);
       }
-      if (local_bad) bad.store(true, std::memory_order_relaxed);
+      if (local_bad && check) bad.store(true, std::memory_order_relaxed);
     });
   });
   return {words, !bad.load()};

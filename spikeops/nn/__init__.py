@@ -5,3 +5,6 @@ from spikeops.nn.token_attention import ConvBNLIF, MultiScaleSpikingAttention, Q
 from spikeops.nn.spike_layers import SpikeConv1d, SpikeConv2d, SpikeLinear
 
 __all__ = ["LIF", "QKTokenAttention", "MultiScaleSpikingAttention", "ConvBNLIF", "SpikingSelfAttention", "SpikingMLP", "SpikeLinearBNLIF", "SpikeLinear", "SpikeConv1d", "SpikeConv2d"]
+from spikeops.nn.masked import MaskedBatchNorm2d, MaskedConv2d, from_masked, masking, to_masked
+
+__all__ += ["MaskedConv2d", "MaskedBatchNorm2d", "masking", "to_masked", "from_masked"]

@@ -1,0 +1,219 @@
+r"""Masked BatchNorm for masked pre-training: ``spikeops.masked_batch_norm2d``.
+
+For ``x`` ``[N, C, H, W]`` and a mask whose cells tile ``H x W`` (as for
+:func:`spikeops.masked_conv2d`), with V the set of visible positions (n, y, x), ``P = |V|``:
+
+.. math::
+
+    \mu_c = \frac{1}{P} \sum_{V} x_{n,c,y,x}, \qquad
+    \sigma^2_c = \frac{1}{P} \sum_{V} (x_{n,c,y,x} - \mu_c)^2, \qquad
+    y = \begin{cases} \gamma_c \dfrac{x - \mu_c}{\sqrt{\sigma_c^2 + \epsilon}} + \beta_c & \text{visible} \\
+    0 & \text{masked} \end{cases}
+
+in training (running stats: ``r <- (1 - momentum) r + momentum * batch``, with the unbiased
+variance :math:`\sigma^2 P / (P - 1)`); in eval the running stats replace :math:`\mu, \sigma^2`.
+This is exactly "gather the visible positions -> BatchNorm1d -> scatter into zeros" (SparK's
+``SparseBatchNorm2d``; :func:`spikeops.reference.masked_batch_norm2d_reference`), gradients
+included: with :math:`\hat x = (x - \mu)/\sigma`, :math:`g` = grad_y at visible positions,
+
+.. math::
+
+    \partial\beta = \sum_V g, \quad \partial\gamma = \sum_V g \hat x, \quad
+    \partial x = \frac{\gamma}{\sigma}\Big(g - \frac{\partial\beta}{P} - \hat x \frac{\partial\gamma}{P}\Big)
+    \;(\text{eval: } \tfrac{\gamma}{\sigma} g), \quad 0 \text{ at masked positions.}
+
+Implementation: the block gather/scatter kernels of :mod:`spikeops.ops.masked_conv` (C++ or
+Triton) move the visible blocks into rows ``[C, P]`` and back (zero fill), so masked blocks are
+neither read nor normalised; the per-channel statistics and the affine map run as torch ops on
+the rows in fp32. For backward the op keeps the gathered rows (``(1 - mask ratio)`` of x), not x.
+``backend="torch"`` runs the reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from spikeops import backend as _backend
+from spikeops import reference
+from spikeops._validation import check_float_tensor
+from spikeops.ops.masked_conv import block_list, check_mask, expand_mask
+
+
+def _gather(t, blocks, bh, bw, backend):
+    return _backend.kernel("masked_conv", "masked_gather", backend)(t, blocks, bh, bw)
+
+
+def _scatter(rows, blocks, shape, bh, bw, backend):
+    N, _, H, W = shape
+    return _backend.kernel("masked_conv", "masked_scatter", backend)(rows, blocks, N, H, W, bh, bw)
+
+
+@torch.library.custom_op("spikeops::masked_batch_norm_forward", mutates_args=())
+def _forward(
+    x: torch.Tensor, mask: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool, eps: float,
+    save: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, C, H, W] contiguous, mask bool [N, h, w] -> (y, mean [C] fp32, invstd [C] fp32,
+    unbiased batch var [C] fp32 (empty in eval), visible rows [C, P] of x (empty unless save))."""
+    bh, bw = x.shape[2] // mask.shape[1], x.shape[3] // mask.shape[2]
+    blocks = block_list(mask)
+    rows = _gather(x, blocks, bh, bw, backend)
+    P = rows.shape[1]
+    rf = rows.float()
+    if training:
+        if P < 2:
+            raise ValueError(f"masked_batch_norm2d: training needs more than 1 visible position per channel, "
+                             f"the mask leaves {P}")
+        var, mean = torch.var_mean(rf, dim=1, correction=0)
+        var_unbiased = var * (P / (P - 1))
+    else:
+        mean, var = running_mean.float(), running_var.float()
+        var_unbiased = mean.new_empty((0,))
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * weight.float() if weight is not None else invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    y_rows = torch.addcmul(shift[:, None], rf, scale[:, None]).to(x.dtype)
+    y = _scatter(y_rows, blocks, x.shape, bh, bw, backend)
+    return y, mean, invstd, var_unbiased, rows if save else x.new_empty((0,))
+
+
+@_forward.register_fake
+def _(x, mask, weight, bias, running_mean, running_var, training, eps, save, backend):
+    C = x.shape[1]
+    stat = x.new_empty((C,), dtype=torch.float32)
+    rows = x.new_empty((C, torch.library.get_ctx().new_dynamic_size())) if save else x.new_empty((0,))
+    return torch.empty_like(x), stat, stat.new_empty((C,)), stat.new_empty((C,) if training else (0,)), rows
+
+
+@torch.library.custom_op("spikeops::masked_batch_norm_backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+    invstd: torch.Tensor, training: bool, need_x: bool, need_w: bool, need_b: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_y [N, C, H, W] contiguous, rows [C, P] (x at the visible pixels; may be empty when
+    neither dW nor the training dx is needed) -> (dx, dweight, dbias), unneeded ones empty."""
+    bh, bw = grad_y.shape[2] // mask.shape[1], grad_y.shape[3] // mask.shape[2]
+    blocks = block_list(mask)
+    g = _gather(grad_y, blocks, bh, bw, backend).float()
+    P = g.shape[1]
+    C = grad_y.shape[1]
+    w = weight.float() if weight is not None else torch.ones((C,), device=grad_y.device)
+    gb = g.sum(1)
+    xhat = gw = None
+    if need_w or (training and need_x):
+        xhat = (rows.float() - mean[:, None]) * invstd[:, None]
+        gw = (g * xhat).sum(1)
+    empty = grad_y.new_empty((0,))
+    gx = empty
+    if need_x:
+        scale = (w * invstd)[:, None]
+        if training:
+            gx_rows = scale * (g - (gb / P)[:, None] - xhat * (gw / P)[:, None])
+        else:
+            gx_rows = g * scale
+        gx = _scatter(gx_rows.to(grad_y.dtype), blocks, grad_y.shape, bh, bw, backend)
+    return (gx, gw.to(weight.dtype) if need_w else empty,
+            gb.to(weight.dtype if weight is not None else grad_y.dtype) if need_b else empty)
+
+
+@_backward_op.register_fake
+def _(grad_y, rows, mask, weight, mean, invstd, training, need_x, need_w, need_b, backend):
+    empty = grad_y.new_empty((0,))
+    C = grad_y.shape[1]
+    return (torch.empty_like(grad_y) if need_x else empty, weight.new_empty((C,)) if need_w else empty,
+            grad_y.new_empty((C,)) if need_b else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mask, weight, bias, _, _, training, _, _, backend = inputs
+    _, mean, invstd, var_unbiased, rows = output
+    need_x, need_w = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]
+    need_b = bias is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(rows, mask, weight, mean, invstd)
+    ctx.params = (training, need_x, need_w, need_b, backend)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean, invstd, var_unbiased, rows)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_y, *_):
+    if grad_y is None:
+        return (None,) * 10
+    rows, mask, weight, mean, invstd = ctx.saved_tensors
+    training, need_x, need_w, need_b, backend = ctx.params
+    if (need_w or (training and need_x)) and rows.dim() != 2:
+        raise RuntimeError("spikeops.masked_batch_norm2d: backward through a forward that ran without grad enabled")
+    gx, gw, gb = _backward_op(grad_y.contiguous(), rows, mask, weight, mean, invstd, training, need_x, need_w, need_b,
+                              backend)
+    return (gx if need_x else None, None, gw if need_w else None, gb.to(ctx.bias_dtype) if need_b else None,
+            None, None, None, None, None, None)
+
+
+torch.library.register_autograd("spikeops::masked_batch_norm_forward", _backward, setup_context=_setup_context)
+
+
+def _check_channel_vector(name: str, t, C: int, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    check_float_tensor(name, t)
+    if t.shape != (C,):
+        raise ValueError(f"{name} must be [C={C}] (x's channels), got shape {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on x's device ({x.device}), got {t.device}")
+
+
+def masked_batch_norm2d(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """BatchNorm2d over the visible positions only; masked outputs are exactly 0.
+
+    Arguments as ``torch.nn.functional.batch_norm`` plus ``mask`` (second): ``[N_m, 1, h, w]`` or
+    ``[N_m, h, w]``, bool or 0/1, True = visible, cells tiling x's ``H x W``, ``N_m`` dividing N
+    (repeated over time steps). In training the batch statistics come from the visible positions
+    and ``running_mean``/``running_var`` (if given) are updated in place; otherwise the running
+    statistics are used (and must be given). Weight/bias/running stats are ``[C]`` (any float dtype,
+    computed in fp32). Returns ``[N, C, H, W]`` in x's dtype, differentiable in x, weight, bias.
+    """
+    check_float_tensor("x", x)
+    if x.dim() != 4 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [N, C, H, W] (4-d) tensor, got shape {tuple(x.shape)}")
+    C = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(name, t, C, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are needed when training=False (eval uses the running stats)")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    mask = check_mask(mask)
+    full, _, _ = expand_mask(mask, x, x.shape[2:], "input")
+    chosen = _backend.resolve(x, backend)
+    if chosen == "torch":
+        return reference.masked_batch_norm2d_reference(x, mask, running_mean, running_var, weight, bias, training,
+                                                       float(momentum), float(eps))
+    needs_grad = torch.is_grad_enabled()
+    save = needs_grad and ((weight is not None and weight.requires_grad) or (training and x.requires_grad))
+    y, mean, _, var_unbiased, _ = _forward(x.contiguous(), full, weight, bias, running_mean, running_var,
+                                           bool(training), float(eps), save, chosen)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_(var_unbiased.to(running_var.dtype), alpha=momentum)
+    return y
