@@ -1,5 +1,6 @@
-// Packing 0/1 floats into 64-bit words, shared by pack.cpp and ssa.cpp. Uses SSE2 compare +
-// movemask (part of baseline x86-64) four values at a time, with a scalar tail elsewhere.
+// Packing 0/1 floats into 64-bit words, shared by pack.cpp and ssa.cpp: compare + movemask,
+// eight values at a time with AVX2 where the CPU has it (checked at run time), else four with
+// SSE2 (baseline x86-64), with a scalar tail (and a scalar path off x86).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -12,8 +13,8 @@ namespace spikeops {
 namespace cpu {
 
 // words[w] bit j = (x[64 w + j] != 0) for the n values of x; returns true if any value was
-// neither 0 nor 1 (NaN included).
-inline bool pack_bits(const float* x, int64_t n, uint64_t* words) {
+// neither 0 nor 1 (NaN included). pack_bits picks AVX2 (8 values per compare) at run time.
+inline bool pack_bits_sse2(const float* x, int64_t n, uint64_t* words) {
   bool bad = false;
   for (int64_t base = 0, w = 0; base < n; base += 64, ++w) {
     const int64_t m = std::min<int64_t>(64, n - base);
@@ -36,6 +37,40 @@ inline bool pack_bits(const float* x, int64_t n, uint64_t* words) {
   }
   return bad;
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+__attribute__((target("avx2"))) inline bool pack_bits_avx2(const float* x, int64_t n, uint64_t* words) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  int not_binary = 0;
+  for (int64_t base = 0, w = 0; base < n; base += 64, ++w) {
+    const int64_t m = std::min<int64_t>(64, n - base);
+    const float* src = x + base;
+    uint64_t bits = 0;
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+      const __m256 v = _mm256_loadu_ps(src + j);
+      bits |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ))) << j;
+      const __m256 ok = _mm256_or_ps(_mm256_cmp_ps(v, zero, _CMP_EQ_OQ), _mm256_cmp_ps(v, one, _CMP_EQ_OQ));
+      not_binary |= _mm256_movemask_ps(ok) ^ 0xFF;
+    }
+    for (; j < m; ++j) {
+      bits |= static_cast<uint64_t>(src[j] != 0.0f) << j;
+      not_binary |= (src[j] != 0.0f) & (src[j] != 1.0f);
+    }
+    words[w] = bits;
+  }
+  return not_binary != 0;
+}
+
+inline bool pack_bits(const float* x, int64_t n, uint64_t* words) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2 ? pack_bits_avx2(x, n, words) : pack_bits_sse2(x, n, words);
+}
+#else
+inline bool pack_bits(const float* x, int64_t n, uint64_t* words) { return pack_bits_sse2(x, n, words); }
+#endif
 
 // Calls f(i) for every set bit i of the W words (ascending).
 template <typename F>
