@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from spikeops import backend as _backend
-from spikeops.ops.lif import lif, lif_params
+from spikeops.ops.lif import STATE_DTYPES, lif, lif_params
 
 
 def surrogate_spec(surrogate_function) -> tuple[str, Optional[float]]:
@@ -34,7 +34,8 @@ class LIF(nn.Module):
     ``surrogate_function=`` (a name or a SpikingJelly ``Sigmoid``/``ATan`` object),
     ``step_mode="m"`` and has a no-op :meth:`reset` (the state starts at ``v_reset`` on every
     call, as after ``functional.reset_net``). Every setting after ``tau`` is keyword-only
-    because SpikingJelly's positional order differs.
+    because SpikingJelly's positional order differs. ``state_dtype=torch.bfloat16`` halves what
+    backward keeps (see :func:`spikeops.lif`).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class LIF(nn.Module):
         surrogate: str = "sigmoid",
         alpha: Optional[float] = None,
         backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
         surrogate_function=None,
         step_mode: str = "m",
     ):
@@ -66,6 +68,9 @@ class LIF(nn.Module):
         self.detach_reset = bool(detach_reset)
         self.surrogate = surrogate
         self.backend = backend
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        self.state_dtype = state_dtype
         self.step_mode = "m"
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -80,6 +85,7 @@ class LIF(nn.Module):
             surrogate=self.surrogate,
             alpha=self.alpha,
             backend=self.backend,
+            state_dtype=self.state_dtype,
         )
 
     def reset(self) -> None:
