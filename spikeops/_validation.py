@@ -47,3 +47,36 @@ def check_positive(name: str, value) -> float:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_tau(value) -> float:
+    """A membrane time constant: finite and > 1 (the leak factor 1 - 1/tau lies in [0, 1))."""
+    value = check_finite("tau", value)
+    if value <= 1.0:
+        raise ValueError(f"tau must be > 1 (the leak factor 1 - 1/tau must lie in [0, 1)), got {value}")
+    return value
+
+
+def check_attention_inputs(named) -> None:
+    """``named``: (name, tensor) pairs of attention spikes; all float ``[T, B, H, N, d]`` with the
+    first one's shape, dtype and device."""
+    first_name, first = named[0]
+    for name, x in named:
+        check_float_tensor(name, x)
+        check_time_major(name, x)
+        if x.dim() != 5:
+            raise ValueError(f"{name} must be [T, B, H, N, d] (5-d), got shape {tuple(x.shape)}")
+        if x.shape != first.shape:
+            raise ValueError(f"{name} must have {first_name}'s shape {tuple(first.shape)}, got {tuple(x.shape)}")
+        if x.dtype != first.dtype or x.device != first.device:
+            raise ValueError(f"{name} must share {first_name}'s dtype and device ({first.dtype}, {first.device}), "
+                             f"got {x.dtype}, {x.device}")
+
+
+def check_binary(op: str, named) -> None:
+    """ValueError naming the first of the (name, tensor) pairs that holds anything but 0 and 1."""
+    from spikeops.reference import is_binary
+
+    for name, x in named:
+        if not is_binary(x):
+            raise ValueError(f"{op}: {name} must hold only 0 and 1 (spikes)")

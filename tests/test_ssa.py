@@ -100,9 +100,9 @@ def test_bad_shapes_and_settings_are_rejected():
     q, k, v = qkv((2, 1, 1, 8, 4))
     with pytest.raises(ValueError, match=r"\[T, B, H, N, d\]"):
         spikeops.ssa(q[0], k[0], v[0])
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match="k must have q's shape"):
         spikeops.ssa(q, k[:, :, :, :4], v)
-    with pytest.raises(ValueError, match="share dtype and device"):
+    with pytest.raises(ValueError, match="k must share q's dtype and device"):
         spikeops.ssa(q, k.half(), v)
     with pytest.raises(ValueError, match="tau must be > 1"):
         spikeops.ssa(q, k, v, tau=1.0)

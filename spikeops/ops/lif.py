@@ -36,6 +36,7 @@ from spikeops._validation import (
     check_finite,
     check_float_tensor,
     check_positive,
+    check_tau,
     check_time_major,
 )
 
@@ -121,9 +122,7 @@ torch.library.register_autograd("spikeops::lif_forward", _backward, setup_contex
 
 def lif_params(tau, v_threshold, v_reset, surrogate, alpha):
     """Check the neuron's settings; returns (tau, v_threshold, v_reset, alpha) as floats."""
-    tau = check_finite("tau", tau)
-    if tau <= 1.0:
-        raise ValueError(f"tau must be > 1 (the leak factor 1 - 1/tau must lie in [0, 1)), got {tau}")
+    tau = check_tau(tau)
     v_threshold = check_finite("v_threshold", v_threshold)
     if v_reset is not None:
         v_reset = check_finite("v_reset", v_reset)

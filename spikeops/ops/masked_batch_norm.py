@@ -23,9 +23,10 @@ included: with :math:`\hat x = (x - \mu)/\sigma`, :math:`g` = grad_y at visible 
     \;(\text{eval: } \tfrac{\gamma}{\sigma} g), \quad 0 \text{ at masked positions.}
 
 Implementation: the block gather/scatter kernels of :mod:`spikeops.ops.masked_conv` (C++ or
-Triton) move the visible blocks into rows ``[C, P]`` and back (zero fill), so masked blocks are
-neither read nor normalised; the per-channel statistics and the affine map run as torch ops on
-the rows in fp32. For backward the op keeps the gathered rows (``(1 - mask ratio)`` of x), not x.
+Triton) move the visible blocks into ``[nb, C, bh, bw]`` and back (zero fill), so masked blocks
+are neither read nor normalised; the per-channel statistics (over dims 0, 2, 3) and the affine
+map run as torch ops on the gathered blocks in fp32. For backward the op keeps the gathered
+blocks (``(1 - mask ratio)`` of x), not x.
 ``backend="torch"`` runs the reference.
 """
 from __future__ import annotations
@@ -45,9 +46,16 @@ def _gather(t, blocks, bh, bw, backend):
     return _backend.kernel("masked_conv", "masked_gather", backend)(t, blocks, bh, bw)
 
 
-def _scatter(rows, blocks, shape, bh, bw, backend):
+def _scatter(src, blocks, shape, backend):
     N, _, H, W = shape
-    return _backend.kernel("masked_conv", "masked_scatter", backend)(rows, blocks, N, H, W, bh, bw)
+    return _backend.kernel("masked_conv", "masked_scatter", backend)(src, blocks, N, H, W)
+
+
+_DIMS = (0, 2, 3)  # of the gathered blocks [nb, C, bh, bw]: all but the channel
+
+
+def _per_channel(v):
+    return v[None, :, None, None]
 
 
 @torch.library.custom_op("spikeops::masked_batch_norm_forward", mutates_args=())
@@ -57,72 +65,73 @@ def _forward(
     save: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, C, H, W] contiguous, mask bool [N, h, w] -> (y, mean [C] fp32, invstd [C] fp32,
-    unbiased batch var [C] fp32 (empty in eval), visible rows [C, P] of x (empty unless save))."""
+    unbiased batch var [C] fp32 (empty in eval), x's visible blocks [nb, C, bh, bw] (empty unless save))."""
     bh, bw = x.shape[2] // mask.shape[1], x.shape[3] // mask.shape[2]
     blocks = block_list(mask)
-    rows = _gather(x, blocks, bh, bw, backend)
-    P = rows.shape[1]
-    rf = rows.float()
+    vis = _gather(x, blocks, bh, bw, backend)
+    P = vis.numel() // x.shape[1]
+    rf = vis.float()
     if training:
         if P < 2:
             raise ValueError(f"masked_batch_norm2d: training needs more than 1 visible position per channel, "
                              f"the mask leaves {P}")
-        var, mean = torch.var_mean(rf, dim=1, correction=0)
+        var, mean = torch.var_mean(rf, dim=_DIMS, correction=0)
         var_unbiased = var * (P / (P - 1))
     else:
-        mean, var = running_mean.float(), running_var.float()
+        mean, var = running_mean.to(torch.float32, copy=True), running_var.float()
         var_unbiased = mean.new_empty((0,))
     invstd = torch.rsqrt(var + eps)
     scale = invstd * weight.float() if weight is not None else invstd
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.float()
-    y_rows = torch.addcmul(shift[:, None], rf, scale[:, None]).to(x.dtype)
-    y = _scatter(y_rows, blocks, x.shape, bh, bw, backend)
-    return y, mean, invstd, var_unbiased, rows if save else x.new_empty((0,))
+    y_vis = torch.addcmul(_per_channel(shift), rf, _per_channel(scale)).to(x.dtype)
+    y = _scatter(y_vis, blocks, x.shape, backend)
+    return y, mean, invstd, var_unbiased, vis if save else x.new_empty((0,))
 
 
 @_forward.register_fake
 def _(x, mask, weight, bias, running_mean, running_var, training, eps, save, backend):
     C = x.shape[1]
     stat = x.new_empty((C,), dtype=torch.float32)
-    rows = x.new_empty((C, torch.library.get_ctx().new_dynamic_size())) if save else x.new_empty((0,))
-    return torch.empty_like(x), stat, stat.new_empty((C,)), stat.new_empty((C,) if training else (0,)), rows
+    bh, bw = x.shape[2] // mask.shape[1], x.shape[3] // mask.shape[2]
+    vis = x.new_empty((torch.library.get_ctx().new_dynamic_size(), C, bh, bw)) if save else x.new_empty((0,))
+    return torch.empty_like(x), stat, stat.new_empty((C,)), stat.new_empty((C,) if training else (0,)), vis
 
 
 @torch.library.custom_op("spikeops::masked_batch_norm_backward", mutates_args=())
 def _backward_op(
-    grad_y: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+    grad_y: torch.Tensor, vis: torch.Tensor, mask: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
     invstd: torch.Tensor, training: bool, need_x: bool, need_w: bool, need_b: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_y [N, C, H, W] contiguous, rows [C, P] (x at the visible pixels; may be empty when
+    """grad_y [N, C, H, W] contiguous, vis [nb, C, bh, bw] (x's visible blocks; may be empty when
     neither dW nor the training dx is needed) -> (dx, dweight, dbias), unneeded ones empty."""
     bh, bw = grad_y.shape[2] // mask.shape[1], grad_y.shape[3] // mask.shape[2]
     blocks = block_list(mask)
     g = _gather(grad_y, blocks, bh, bw, backend).float()
-    P = g.shape[1]
     C = grad_y.shape[1]
+    P = g.numel() // C
     w = weight.float() if weight is not None else torch.ones((C,), device=grad_y.device)
-    gb = g.sum(1)
+    gb = g.sum(_DIMS)
     xhat = gw = None
     if need_w or (training and need_x):
-        xhat = (rows.float() - mean[:, None]) * invstd[:, None]
-        gw = (g * xhat).sum(1)
+        xhat = (vis.float() - _per_channel(mean)) * _per_channel(invstd)
+        gw = (g * xhat).sum(_DIMS)
     empty = grad_y.new_empty((0,))
     gx = empty
     if need_x:
-        scale = (w * invstd)[:, None]
+        scale = _per_channel(w * invstd)
         if training:
-            gx_rows = scale * (g - (gb / P)[:, None] - xhat * (gw / P)[:, None])
+            gx_vis = scale * (g - _per_channel(gb / P) - xhat * _per_channel(gw / P))
         else:
-            gx_rows = g * scale
-        gx = _scatter(gx_rows.to(grad_y.dtype), blocks, grad_y.shape, bh, bw, backend)
+            gx_vis = g * scale
+        gx = _scatter(gx_vis.to(grad_y.dtype), blocks, grad_y.shape, backend)
     return (gx, gw.to(weight.dtype) if need_w else empty,
             gb.to(weight.dtype if weight is not None else grad_y.dtype) if need_b else empty)
 
 
 @_backward_op.register_fake
-def _(grad_y, rows, mask, weight, mean, invstd, training, need_x, need_w, need_b, backend):
+def _(grad_y, vis, mask, weight, mean, invstd, training, need_x, need_w, need_b, backend):
     empty = grad_y.new_empty((0,))
     C = grad_y.shape[1]
     return (torch.empty_like(grad_y) if need_x else empty, weight.new_empty((C,)) if need_w else empty,
@@ -131,24 +140,24 @@ def _(grad_y, rows, mask, weight, mean, invstd, training, need_x, need_w, need_b
 
 def _setup_context(ctx, inputs, output):
     x, mask, weight, bias, _, _, training, _, _, backend = inputs
-    _, mean, invstd, var_unbiased, rows = output
+    _, mean, invstd, var_unbiased, vis = output
     need_x, need_w = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]
     need_b = bias is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(rows, mask, weight, mean, invstd)
+    ctx.save_for_backward(vis, mask, weight, mean, invstd)
     ctx.params = (training, need_x, need_w, need_b, backend)
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, invstd, var_unbiased, rows)
+    ctx.mark_non_differentiable(mean, invstd, var_unbiased, vis)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, *_):
     if grad_y is None:
         return (None,) * 10
-    rows, mask, weight, mean, invstd = ctx.saved_tensors
+    vis, mask, weight, mean, invstd = ctx.saved_tensors
     training, need_x, need_w, need_b, backend = ctx.params
-    if (need_w or (training and need_x)) and rows.dim() != 2:
+    if (need_w or (training and need_x)) and vis.dim() != 4:
         raise RuntimeError("spikeops.masked_batch_norm2d: backward through a forward that ran without grad enabled")
-    gx, gw, gb = _backward_op(grad_y.contiguous(), rows, mask, weight, mean, invstd, training, need_x, need_w, need_b,
+    gx, gw, gb = _backward_op(grad_y.contiguous(), vis, mask, weight, mean, invstd, training, need_x, need_w, need_b,
                               backend)
     return (gx if need_x else None, None, gw if need_w else None, gb.to(ctx.bias_dtype) if need_b else None,
             None, None, None, None, None, None)

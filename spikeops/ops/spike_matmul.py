@@ -11,7 +11,7 @@ import torch
 
 from spikeops import backend as _backend
 from spikeops import reference
-from spikeops._validation import check_float_tensor
+from spikeops._validation import check_binary, check_float_tensor
 from spikeops.ops.pack import pack_if_binary
 
 OUT_DTYPES = (torch.int32, torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -57,9 +57,7 @@ def spike_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torc
     b = b.expand(*batch, *b.shape[-2:])
     chosen = _backend.resolve(a, backend)
     if chosen == "torch":
-        for name, x in (("a", a), ("b", b)):
-            if not reference.is_binary(x):
-                raise ValueError(f"{name} must hold only 0 and 1 (spikes)")
+        check_binary("spike_matmul", (("a", a), ("b", b)))
         return reference.spike_matmul(a, b).to(out_dtype)
     M, N = a.shape[-2], b.shape[-1]
     packed = []

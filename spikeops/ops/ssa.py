@@ -21,7 +21,7 @@ import torch
 
 from spikeops import backend as _backend
 from spikeops import reference
-from spikeops._validation import check_finite, check_float_tensor, check_time_major
+from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
 from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
 from spikeops.ops.pack import NOT_BINARY, _unpack
 
@@ -104,25 +104,14 @@ def ssa(
         spikes ``[T, B, H, N, d]`` in q's dtype. Differentiable in q, k, v; backward keeps
         q, k, v packed to 1 bit each. Raises ``ValueError`` if q, k or v is not binary.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_float_tensor(name, x)
-        check_time_major(name, x)
-        if x.dim() != 5:
-            raise ValueError(f"{name} must be [T, B, H, N, d] (5-d), got shape {tuple(x.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or len({q.device, k.device, v.device}) != 1:
-        raise ValueError(f"q, k, v must share dtype and device, got {[(x.dtype, str(x.device)) for x in (q, k, v)]}")
+    named = [("q", q), ("k", k), ("v", v)]
+    check_attention_inputs(named)
     scale = check_finite("scale", scale)
     v_threshold = check_finite("v_threshold", v_threshold)
-    tau = check_finite("tau", tau)
-    if tau <= 1.0:
-        raise ValueError(f"tau must be > 1, got {tau}")
+    tau = check_tau(tau)
     chosen = _backend.resolve(q, backend)
     if chosen == "torch":
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if not reference.is_binary(x):
-                raise ValueError(f"ssa: {name} must hold only 0 and 1 (spikes)")
+        check_binary("ssa", named)
         return reference.ssa(q, k, v, scale, v_threshold, tau)
     T, B, H, N, d = q.shape
     flat = [x.contiguous().view(T, B * H, N, d) for x in (q, k, v)]

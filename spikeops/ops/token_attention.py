@@ -24,7 +24,7 @@ import torch
 
 from spikeops import backend as _backend
 from spikeops import reference
-from spikeops._validation import check_finite, check_float_tensor, check_time_major
+from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
 from spikeops.ops.pack import NOT_BINARY, _pack, _unpack
 
 
@@ -113,26 +113,14 @@ def token_attention(
         Raises ``ValueError`` if an input is not binary.
     """
     named = [("q", q), ("k", k)] + ([("p", p)] if p is not None else [])
-    for name, x in named:
-        check_float_tensor(name, x)
-        check_time_major(name, x)
-        if x.dim() != 5:
-            raise ValueError(f"{name} must be [T, B, H, N, d] (5-d), got shape {tuple(x.shape)}")
-        if x.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
-        if x.dtype != q.dtype or x.device != q.device:
-            raise ValueError(f"{name} must share q's dtype and device ({q.dtype}, {q.device}), got {x.dtype}, {x.device}")
+    check_attention_inputs(named)
     if mode not in reference.ATTENTION_MODES:
         raise ValueError(f"mode must be one of {reference.ATTENTION_MODES}, got {mode!r}")
     v_threshold = check_finite("v_threshold", v_threshold)
-    tau = check_finite("tau", tau)
-    if tau <= 1.0:
-        raise ValueError(f"tau must be > 1, got {tau}")
+    tau = check_tau(tau)
     chosen = _backend.resolve(q, backend)
     if chosen == "torch":
-        for name, x in named:
-            if not reference.is_binary(x):
-                raise ValueError(f"token_attention: {name} must hold only 0 and 1 (spikes)")
+        check_binary("token_attention", named)
         return reference.token_attention(q, k, p, v_threshold, tau, mode)
     if mode == "channel":  # the same kernel on [.., d, N]: sums over tokens, masks channels
         swap = [x.transpose(-1, -2) for _, x in named]

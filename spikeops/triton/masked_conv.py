@@ -1,9 +1,10 @@
 """Masked (block-sparse) convolution in Triton: the semantics are in :mod:`spikeops.ops.masked_conv`.
 
 Same functions and arguments as the C++ kernels (``csrc/cpu/masked_conv.cpp``). ``blocks``
-``[nb, 3]`` int32 lists the visible ``bh x bw`` output blocks as (n, by, bx); "rows" ``[C, P]``
-hold the visible pixels, column ``p = (b * bh + py) * bw + px``. Every kernel is an implicit
-GEMM over that list of visible pixels: nothing is computed, read or written for masked blocks
+``[nb, 3]`` int32 lists the visible ``bh x bw`` output blocks as (n, by, bx); visible pixel
+``p = (b * bh + py) * bw + px``. ``masked_gather`` / ``masked_scatter`` move the visible blocks
+between ``[N, C, H, W]`` and ``[nb, C, bh, bw]`` (zero fill). The conv kernels are implicit
+GEMMs over the list of visible pixels: nothing is computed, read or written for masked blocks
 except the output's zero fill, and no im2col buffer is materialised.
 
 * forward: a program owns ``BLOCK_CO`` output channels x ``BLOCK_P`` visible pixels and walks
@@ -36,25 +37,26 @@ def _blocks_ok(blocks):
 
 
 def masked_gather(x, blocks, bh, bw):
-    """x [N, C, H, W] contiguous -> rows [C, nb * bh * bw]."""
+    """x [N, C, H, W] contiguous -> the visible blocks [nb, C, bh, bw]."""
     _blocks_ok(blocks)
     N, C, H, W = x.shape
     P = blocks.shape[0] * bh * bw
-    rows = torch.empty((C, P), device=x.device, dtype=x.dtype)
+    out = torch.empty((blocks.shape[0], C, bh, bw), device=x.device, dtype=x.dtype)
     if P:
         grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, GATHER_BLOCK_C))
-        _gather_kernel[grid](x, blocks, rows, P, C, H, W, BH=bh, BW=bw, BLOCK_P=BLOCK_P, BLOCK_C=GATHER_BLOCK_C)
-    return rows
+        _gather_kernel[grid](x, blocks, out, P, C, H, W, BH=bh, BW=bw, BLOCK_P=BLOCK_P, BLOCK_C=GATHER_BLOCK_C)
+    return out
 
 
-def masked_scatter(rows, blocks, N, H, W, bh, bw):
-    """rows [C, P] -> [N, C, H, W]: rows at the visible blocks, exactly 0 elsewhere."""
+def masked_scatter(src, blocks, N, H, W):
+    """src [nb, C, bh, bw] -> [N, C, H, W]: src at the visible blocks, exactly 0 elsewhere."""
     _blocks_ok(blocks)
-    C, P = rows.shape
-    out = torch.zeros((N, C, H, W), device=rows.device, dtype=rows.dtype)
+    nb, C, bh, bw = src.shape
+    P = nb * bh * bw
+    out = torch.zeros((N, C, H, W), device=src.device, dtype=src.dtype)
     if P:
         grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, GATHER_BLOCK_C))
-        _scatter_kernel[grid](rows, blocks, out, P, C, H, W, BH=bh, BW=bw, BLOCK_P=BLOCK_P, BLOCK_C=GATHER_BLOCK_C)
+        _scatter_kernel[grid](src, blocks, out, P, C, H, W, BH=bh, BW=bw, BLOCK_P=BLOCK_P, BLOCK_C=GATHER_BLOCK_C)
     return out
 
 
@@ -130,24 +132,31 @@ def _pixels(blk_ptr, p, P, BH: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
-def _gather_kernel(x_ptr, blk_ptr, rows_ptr, P, C, H, W,
+def _block_offsets(p, c, C, BH: tl.constexpr, BW: tl.constexpr):
+    """Offsets of (c, p) in a [nb, C, BH, BW] tensor."""
+    b = (p // (BH * BW)).to(tl.int64)
+    return (b[None, :] * C + c[:, None]) * (BH * BW) + (p % (BH * BW))[None, :]
+
+
+@triton.jit
+def _gather_kernel(x_ptr, blk_ptr, dst_ptr, P, C, H, W,
                    BH: tl.constexpr, BW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n, oy, ox, pm = _pixels(blk_ptr, p, P, BH, BW)
     m = (c[:, None] < C) & pm[None, :]
     v = tl.load(x_ptr + ((n[None, :] * C + c[:, None]) * H + oy[None, :]) * W + ox[None, :], mask=m, other=0.0)
-    tl.store(rows_ptr + c[:, None].to(tl.int64) * P + p[None, :], v, mask=m)
+    tl.store(dst_ptr + _block_offsets(p, c, C, BH, BW), v, mask=m)
 
 
 @triton.jit
-def _scatter_kernel(rows_ptr, blk_ptr, out_ptr, P, C, H, W,
+def _scatter_kernel(src_ptr, blk_ptr, out_ptr, P, C, H, W,
                     BH: tl.constexpr, BW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n, oy, ox, pm = _pixels(blk_ptr, p, P, BH, BW)
     m = (c[:, None] < C) & pm[None, :]
-    v = tl.load(rows_ptr + c[:, None].to(tl.int64) * P + p[None, :], mask=m, other=0.0)
+    v = tl.load(src_ptr + _block_offsets(p, c, C, BH, BW), mask=m, other=0.0)
     tl.store(out_ptr + ((n[None, :] * C + c[:, None]) * H + oy[None, :]) * W + ox[None, :], v, mask=m)
 
 
