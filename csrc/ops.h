@@ -41,23 +41,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
     double v_threshold, double tau, bool save_packed);
 
 // Token attention: q, k (, p) [T, BH, N, d] contiguous 0/1 -> (out = LIF(sum_c q (+ sum_c p)) * k,
-// the attention neuron's H [T, BH, N] fp32 when save_h (else empty), all inputs were 0/1).
-std::tuple<at::Tensor, at::Tensor, bool> token_attention_forward(
+// the attention neuron's H [T, BH, N] fp32 and k packed along d [T*BH*N, ceil(d/64)] int64 when
+// save (else empty), all inputs were 0/1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& p, double v_threshold,
-    double tau, bool save_h);
+    double tau, bool save);
 
-// -> (dL/dS [T, BH, N] fp32 (= dL/dq = dL/dp broadcast over d), dL/dk [T, BH, N, d]).
+// grad_out [T, BH, N, d], k_words, h from forward -> (dL/dS [T, BH, N] fp32 (= dL/dq = dL/dp
+// broadcast over d), dL/dk [T, BH, N, d]).
 std::tuple<at::Tensor, at::Tensor> token_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& k, const at::Tensor& h, double v_threshold, double tau);
+    const at::Tensor& grad_out, const at::Tensor& k_words, const at::Tensor& h, double v_threshold, double tau);
 
 // Masked (block-sparse) convolution, csrc/cpu/masked_conv.cpp. blocks: contiguous int32 [nb, 3]
-// (n, by, bx) of the visible bh x bw output blocks, in torch.nonzero order. Rows [C, P] hold the
-// visible pixels, column p = (b * bh + py) * bw + px.
-// x [N, C, H, W] contiguous -> rows [C, nb * bh * bw].
+// (n, by, bx) of the visible bh x bw blocks, in torch.nonzero order.
+// x [N, C, H, W] contiguous -> the visible blocks [nb, C, bh, bw].
 at::Tensor masked_gather(const at::Tensor& x, const at::Tensor& blocks, int64_t bh, int64_t bw);
-// rows [C, P] -> [N, C, H, W]: rows at the visible blocks, exactly 0 elsewhere.
-at::Tensor masked_scatter(const at::Tensor& rows, const at::Tensor& blocks, int64_t N, int64_t H, int64_t W,
-                          int64_t bh, int64_t bw);
+// blocks [nb, C, bh, bw] -> [N, C, H, W]: the blocks at their places, exactly 0 elsewhere.
+at::Tensor masked_scatter(const at::Tensor& src, const at::Tensor& blocks, int64_t N, int64_t H, int64_t W);
 // conv2d(x, weight, bias, stride, padding) at the visible blocks of the [N, C_out, Ho, Wo] output, 0 elsewhere.
 at::Tensor masked_conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const at::Tensor& blocks, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t bh,

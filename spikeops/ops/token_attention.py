@@ -14,7 +14,8 @@ counts, so spikes equal the reference bit for bit.
 Backward (one kernel): :math:`\partial A = \sum_c \partial\mathrm{out} \odot K`, the surrogate LIF
 backward gives :math:`\partial S`, which is :math:`\partial Q` and :math:`\partial P` broadcast
 over channels; :math:`\partial K = A \odot \partial\mathrm{out}`. It keeps the neuron's H
-(``[T, B, H, N]`` fp32, 1/d of a q-sized tensor) and K bit-packed.
+(``[T, B, H, N]`` fp32, 1/d of a q-sized tensor) and K bit-packed (written by the forward kernel,
+read bit by bit by the backward kernel).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
-from spikeops.ops.pack import NOT_BINARY, _pack, _unpack
+from spikeops.ops.pack import NOT_BINARY
 
 
 @torch.library.custom_op("spikeops::token_attention_forward", mutates_args=())
@@ -34,10 +35,10 @@ def _forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, p [T, BH, N, d] contiguous -> (out, H [T, BH, N] fp32, k packed [T*BH*N, ceil(d/64)]; empty if not save)."""
-    out, h, binary = _backend.kernel("token_attention", "token_attention_forward", backend)(q, k, p, v_threshold, tau, save)
+    out, h, k_words, binary = _backend.kernel("token_attention", "token_attention_forward", backend)(
+        q, k, p, v_threshold, tau, save)
     if not binary:
         raise ValueError("token_attention: q, k and p " + NOT_BINARY.split(": ", 1)[1])
-    k_words = _pack(k.view(-1, k.shape[-1]), False, backend)[0] if save else k.new_empty((0,), dtype=torch.int64)
     return out, h, k_words
 
 
@@ -51,14 +52,14 @@ def _(q, k, p, v_threshold, tau, save, backend):
 
 @torch.library.custom_op("spikeops::token_attention_backward", mutates_args=())
 def _backward_op(
-    grad_out: torch.Tensor, k: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
+    grad_out: torch.Tensor, k_words: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out, k [T, BH, N, d], H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk [T, BH, N, d])."""
-    return _backend.kernel("token_attention", "token_attention_backward", backend)(grad_out, k, h, v_threshold, tau)
+    """grad_out [T, BH, N, d], k packed [T*BH*N, ceil(d/64)], H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk)."""
+    return _backend.kernel("token_attention", "token_attention_backward", backend)(grad_out, k_words, h, v_threshold, tau)
 
 
 @_backward_op.register_fake
-def _(grad_out, k, h, v_threshold, tau, backend):
+def _(grad_out, k_words, h, v_threshold, tau, backend):
     return h.new_empty(h.shape), torch.empty_like(grad_out)
 
 
@@ -79,11 +80,11 @@ def _backward(ctx, grad_out, *_):
         raise RuntimeError("spikeops.token_attention: backward through a forward that ran without grad enabled")
     v_threshold, tau, backend = ctx.params
     T, BH, N, d = ctx.shape
-    k = _unpack(k_words, d, ctx.dtype, backend).view(T, BH, N, d)
-    grad_s, grad_k = _backward_op(grad_out.contiguous().to(ctx.dtype), k, h, v_threshold, tau, backend)
-    grad_q = grad_s.unsqueeze(-1).expand(T, BH, N, d).to(ctx.dtype)
-    grad_p = grad_q.clone() if ctx.has_p else None
-    return grad_q.contiguous(), grad_k, grad_p, None, None, None, None
+    grad_s, grad_k = _backward_op(grad_out.contiguous().to(ctx.dtype), k_words, h, v_threshold, tau, backend)
+    # dL/dq = dL/dp = dL/dS broadcast over the channels: an expanded view, as sum's backward gives
+    # (autograd copies it into a leaf's .grad; a consumer that needs it dense makes it so).
+    grad_q = grad_s.to(ctx.dtype).unsqueeze(-1).expand(T, BH, N, d)
+    return grad_q, grad_k, grad_q if ctx.has_p else None, None, None, None, None
 
 
 torch.library.register_autograd("spikeops::token_attention_forward", _backward, setup_context=_setup_context)

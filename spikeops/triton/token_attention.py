@@ -11,12 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
+from spikeops.triton.pack import pack_spikes, unpack_spikes
+
 BLOCK_T = 32
 ALPHA = 4.0  # sigmoid surrogate of the attention neuron
 
 
 def token_attention_forward(q, k, p, v_threshold, tau, save_h):
-    """q, k, p [T, BH, N, d] -> (out, H [T, BH, N] fp32 or empty, all inputs 0/1)."""
+    """q, k, p [T, BH, N, d] -> (out, H [T, BH, N] fp32 and k packed [T*BH*N, ceil(d/64)] (empty
+    unless save_h), all inputs 0/1)."""
     T, BH, N, d = q.shape
     out = torch.empty_like(q)
     h = torch.empty((T, BH, N) if save_h else (0,), device=q.device, dtype=torch.float32)
@@ -26,12 +29,14 @@ def token_attention_forward(q, k, p, v_threshold, tau, save_h):
         q, k, p if p is not None else q, out, h if save_h else out, bad, T, BH * N, d, float(v_threshold), float(tau),
         HAS_P=p is not None, SAVE_H=bool(save_h), BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(d),
     )
-    return out, h, not bool(bad.any())
+    k_words = pack_spikes(k.view(-1, d), False)[0] if save_h else k.new_empty((0,), dtype=torch.int64)
+    return out, h, k_words, not bool(bad.any())
 
 
-def token_attention_backward(grad_out, k, h, v_threshold, tau):
-    """grad_out, k [T, BH, N, d], H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk [T, BH, N, d])."""
+def token_attention_backward(grad_out, k_words, h, v_threshold, tau):
+    """grad_out [T, BH, N, d], k packed [T*BH*N, ceil(d/64)], H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk)."""
     T, BH, N, d = grad_out.shape
+    k = unpack_spikes(k_words, d, grad_out.dtype).view(T, BH, N, d)
     grad_s = torch.empty((T, BH, N), device=h.device, dtype=torch.float32)
     grad_k = torch.empty_like(grad_out)
     grid = (triton.cdiv(BH * N, BLOCK_T),)
