@@ -38,6 +38,7 @@ import torch
 
 import spikeops
 from bench import harness as H
+from bench.eager import SJ_ERROR, py_lif as eager_lif, sj_functional, sj_neuron, sj_surrogate
 
 SHAPES = {
     "small": (4, 8, 64, 8, 8),
@@ -47,41 +48,6 @@ SHAPES = {
 TAU, V_TH, ALPHA = 2.0, 1.0, 4.0
 CLONE, COPY = "x.clone() [floor]", "out.copy_(x) [floor]"
 SJ, SJ_C, EAGER, EAGER_C = "SpikingJelly", "compile(SpikingJelly)", "eager", "compile(eager)"
-
-try:
-    from spikingjelly.activation_based import functional as sj_functional
-    from spikingjelly.activation_based import neuron as sj_neuron
-    from spikingjelly.activation_based import surrogate as sj_surrogate
-    SJ_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure just skips those rows
-    SJ_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-class SigmoidSpike(torch.autograd.Function):
-    """Heaviside(d) forward, sigmoid surrogate ``alpha * sig(alpha d) * (1 - sig(alpha d))`` backward."""
-
-    @staticmethod
-    def forward(ctx, d):
-        ctx.save_for_backward(d)
-        return (d >= 0).to(d.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (d,) = ctx.saved_tensors
-        sg = torch.sigmoid(ALPHA * d)
-        return grad * ALPHA * sg * (1.0 - sg)
-
-
-def eager_lif(x_seq: torch.Tensor) -> torch.Tensor:
-    """Multi-step LIF as a plain python loop (SpikingJelly semantics, v_reset = 0)."""
-    v = torch.zeros_like(x_seq[0])
-    spikes = []
-    for x in x_seq:
-        h = v + (x - v) / TAU
-        s = SigmoidSpike.apply(h - V_TH)
-        v = h * (1.0 - s.detach())  # hard reset to 0, detached
-        spikes.append(s)
-    return torch.stack(spikes)
 
 
 @dataclass

@@ -49,6 +49,7 @@ from torch import nn
 
 import spikeops
 from bench import harness as H
+from bench.eager import SJ_ERROR, py_lif, reset, sjlif
 
 ATTN_SHAPES = {"cifar": (4, 8, 12, 64, 32), "imagenet": (4, 8, 8, 196, 64)}  # T, B, H, N, d
 PACK_SHAPE = (4, 32, 196, 384)
@@ -62,67 +63,6 @@ SPEEDUP_TARGET, SAVED_TARGET = 6.0, 0.35
 FLOOR = "floor: addcmul(q, k, v, out=o)"
 SPIKEOPS_SSA = "spikeops.ssa"
 ORDERS = {"(QK^T)V": lambda q, kt, v: (q @ kt) @ v, "Q(K^TV)": lambda q, kt, v: q @ (kt @ v)}
-
-try:
-    from spikingjelly.activation_based import functional as sj_functional
-    from spikingjelly.activation_based import neuron as sj_neuron
-    from spikingjelly.activation_based import surrogate as sj_surrogate
-    SJ_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure just skips those rows
-    SJ_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-# ----------------------------------------------------------------------------- eager neurons
-
-class SigmoidSpike(torch.autograd.Function):
-    """Heaviside(d) forward, sigmoid surrogate ``alpha * sig(alpha d) * (1 - sig(alpha d))`` backward."""
-
-    @staticmethod
-    def forward(ctx, d):
-        ctx.save_for_backward(d)
-        return (d >= 0).to(d.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (d,) = ctx.saved_tensors
-        sg = torch.sigmoid(ALPHA * d)
-        return grad * ALPHA * sg * (1.0 - sg)
-
-
-def py_lif(x_seq: torch.Tensor, v_threshold: float = ATTN_TH) -> torch.Tensor:
-    """Plain eager multi-step LIF (tau 2, v_reset 0, detach_reset): h = v + (x - v)/2; s = H(h - th); v = h (1 - s)."""
-    v = torch.zeros_like(x_seq[0])
-    spikes = []
-    for x in x_seq:
-        h = v + (x - v) / TAU
-        s = SigmoidSpike.apply(h - v_threshold)
-        v = h * (1.0 - s.detach())
-        spikes.append(s)
-    return torch.stack(spikes)
-
-
-class PyLIF(nn.Module):
-    """:func:`py_lif` as a module: stands in for SpikingJelly's LIFNode when it is not installed."""
-
-    def __init__(self, v_threshold: float = 1.0):
-        super().__init__()
-        self.v_threshold = v_threshold
-
-    def forward(self, x):
-        return py_lif(x, self.v_threshold)
-
-
-def sjlif(th: float = 1.0) -> nn.Module:
-    if SJ_ERROR is not None:
-        return PyLIF(th)
-    return sj_neuron.LIFNode(tau=TAU, v_threshold=th, detach_reset=True,
-                             surrogate_function=sj_surrogate.Sigmoid(), step_mode="m")
-
-
-def reset(module: nn.Module) -> None:
-    if SJ_ERROR is None:
-        sj_functional.reset_net(module)
-
 
 # ----------------------------------------------------------------------------- blocks
 
@@ -275,7 +215,7 @@ def bench_ssa(q, k, v, args) -> dict:
             if neuron == "SJ":
                 reset(lif)
                 return lif(y)
-            return py_lif(y)
+            return py_lif(y, ATTN_TH)
         return fn
 
     neurons = (["SJ"] if SJ_ERROR is None else []) + ["py"]

@@ -58,6 +58,7 @@ from torch import nn
 
 import spikeops
 from bench import harness as H
+from bench.eager import SJ_ERROR, py_lif, reset, sjlif
 
 OP_SHAPES = {"cifar": (4, 8, 8, 1024, 24), "imagenet": (4, 2, 8, 3136, 24)}  # T, B, H, N, d
 MODULE_SHAPE, MODULE_DIM, MODULE_HEADS = (4, 4, 192, 1024), 192, 8  # x [T, B, C, N]
@@ -70,67 +71,6 @@ SPEEDUP_TARGET = 4.0
 
 SPIKEOPS = "spikeops.token_attention"
 EAGER_SJ, EAGER_PY = "eager sum + SJ LIFNode + mul", "eager sum + python LIF + mul"
-
-try:
-    from spikingjelly.activation_based import functional as sj_functional
-    from spikingjelly.activation_based import neuron as sj_neuron
-    from spikingjelly.activation_based import surrogate as sj_surrogate
-    SJ_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure just skips those rows
-    SJ_ERROR = f"{type(exc).__name__}: {exc}"
-
-
-# ----------------------------------------------------------------------------- eager neurons
-
-class SigmoidSpike(torch.autograd.Function):
-    """Heaviside(d) forward, sigmoid surrogate ``alpha * sig(alpha d) * (1 - sig(alpha d))`` backward."""
-
-    @staticmethod
-    def forward(ctx, d):
-        ctx.save_for_backward(d)
-        return (d >= 0).to(d.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (d,) = ctx.saved_tensors
-        sg = torch.sigmoid(ALPHA * d)
-        return grad * ALPHA * sg * (1.0 - sg)
-
-
-def py_lif(x_seq: torch.Tensor, v_threshold: float = ATTN_TH) -> torch.Tensor:
-    """Plain eager multi-step LIF (tau 2, v_reset 0, detach_reset): h = v + (x - v)/2; s = H(h - th); v = h (1 - s)."""
-    v = torch.zeros_like(x_seq[0])
-    spikes_out = []
-    for x in x_seq:
-        h = v + (x - v) / TAU
-        s = SigmoidSpike.apply(h - v_threshold)
-        v = h * (1.0 - s.detach())
-        spikes_out.append(s)
-    return torch.stack(spikes_out)
-
-
-class PyLIF(nn.Module):
-    """:func:`py_lif` as a module: stands in for SpikingJelly's LIFNode when it is not installed."""
-
-    def __init__(self, v_threshold: float = 1.0):
-        super().__init__()
-        self.v_threshold = v_threshold
-
-    def forward(self, x):
-        return py_lif(x, self.v_threshold)
-
-
-def sjlif(th: float = 1.0) -> nn.Module:
-    if SJ_ERROR is not None:
-        return PyLIF(th)
-    return sj_neuron.LIFNode(tau=TAU, v_threshold=th, detach_reset=True,
-                             surrogate_function=sj_surrogate.Sigmoid(), step_mode="m")
-
-
-def reset(module: nn.Module) -> None:
-    if SJ_ERROR is None:
-        sj_functional.reset_net(module)
-
 
 def eager_attention(q, k, p, neuron: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The op as separate eager ops: per token sum q (and p) over the head's channels, LIF, mask k."""
@@ -265,7 +205,7 @@ def bench_op(q, k, p, args) -> dict:
     impls = {SPIKEOPS: lambda q, k, p: spikeops.token_attention(q, k, p)}
     if SJ_ERROR is None:
         impls[EAGER_SJ] = lambda q, k, p: eager_attention(q, k, p, sj_neuron_fn)
-    impls[EAGER_PY] = lambda q, k, p: eager_attention(q, k, p, py_lif)
+    impls[EAGER_PY] = lambda q, k, p: eager_attention(q, k, p, lambda s: py_lif(s, ATTN_TH))
 
     # forward, no grad
     o = torch.empty_like(q)
