@@ -19,6 +19,7 @@ $(VENV)/.deps: requirements-cpu.txt requirements-bench.txt
 
 build:
 	MAX_JOBS=2 $(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import spikeops._C" || (echo "spikeops._C built but does not import (see above)" && exit 1)
 
 test:
 	$(PY) -m pytest -q tests

@@ -14,8 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_attention_forward", &spikeops::cpu::token_attention_forward, "fused token attention forward");
   m.def("token_attention_backward", &spikeops::cpu::token_attention_backward, "fused token attention backward");
   m.def("unpack_spikes", &spikeops::cpu::unpack_spikes, "unpack int64 words into 0/1 values");
-  m.def("masked_gather", &spikeops::cpu::masked_gather, "gather the visible blocks of [N, C, H, W] into rows [C, P]");
-  m.def("masked_scatter", &spikeops::cpu::masked_scatter, "scatter rows [C, P] into a zero [N, C, H, W]");
+  m.def("masked_gather", &spikeops::cpu::masked_gather, "gather the visible blocks of [N, C, H, W] into [nb, C, bh, bw]");
+  m.def("masked_scatter", &spikeops::cpu::masked_scatter, "scatter [nb, C, bh, bw] blocks into a zero [N, C, H, W]");
   m.def("masked_conv2d_forward", &spikeops::cpu::masked_conv2d_forward, "conv2d on the visible output blocks");
   m.def("masked_conv2d_backward", &spikeops::cpu::masked_conv2d_backward, "masked conv2d backward");
 }

@@ -54,9 +54,10 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
 
 // Masked (block-sparse) convolution, csrc/cpu/masked_conv.cpp. blocks: contiguous int32 [nb, 3]
 // (n, by, bx) of the visible bh x bw blocks, in torch.nonzero order.
-// x [N, C, H, W] contiguous -> the visible blocks [nb, C, bh, bw].
+// x [N, C, H, W] contiguous -> the visible blocks [nb, C, bh, bw], channels last (= pixel-major
+// [P, C], pixel p = (b * bh + py) * bw + px).
 at::Tensor masked_gather(const at::Tensor& x, const at::Tensor& blocks, int64_t bh, int64_t bw);
-// blocks [nb, C, bh, bw] -> [N, C, H, W]: the blocks at their places, exactly 0 elsewhere.
+// src [nb, C, bh, bw] channels last -> [N, C, H, W]: the blocks at their places, exactly 0 elsewhere.
 at::Tensor masked_scatter(const at::Tensor& src, const at::Tensor& blocks, int64_t N, int64_t H, int64_t W);
 // conv2d(x, weight, bias, stride, padding) at the visible blocks of the [N, C_out, Ho, Wo] output, 0 elsewhere.
 at::Tensor masked_conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

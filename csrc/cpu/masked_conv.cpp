@@ -1,22 +1,33 @@
 // Masked (block-sparse) convolution on the CPU (semantics: spikeops/reference.py,
-// masked_conv2d_reference; design: spikeops/ops/masked_conv.py).
+// masked_conv2d_reference; design notes: spikeops/ops/masked_conv.py).
 //
-// The output grid [N, C_out, Ho, Wo] is cut into blocks of bh x bw pixels, one per cell of the
-// mask at its native resolution; `blocks` [nb, 3] int32 lists the visible blocks as (n, by, bx)
-// (torch.nonzero order: sorted by n, then by, then bx). Column p of a "rows" matrix [C, P],
-// P = nb * bh * bw, is pixel (py, px) of visible block b with p = (b * bh + py) * bw + px.
+// The output grid [N, C_out, Ho, Wo] is cut into bh x bw blocks, one per cell of the mask at its
+// native resolution; `blocks` [nb, 3] int32 lists the visible ones as (n, by, bx) in
+// torch.nonzero order. Nothing is computed for masked blocks; the output is written once
+// (computed values in visible blocks, exactly 0 in masked ones). Two ways to run the product on
+// the visible blocks, picked per call by block size:
 //
-//   forward:  cols [K, Pc] = im2col of the visible blocks (halo from x, zero outside the image),
-//             K = C_in * kh * kw;  rows = W [C_out, K] @ cols  (at::mm: the BLAS torch links);
-//             out = rows (+ bias) at visible pixels, exactly 0 elsewhere (one pass over out).
-//   backward: G [C_out, Pc] = grad_out at visible pixels;  dW += G @ cols^T;  db = sum_p G;
-//             dcols = W^T @ G;  dx = col2im(dcols) (scatter-add, visible receptive fields only).
-// Blocks are processed in chunks so that cols stays a few MB (cache-friendly, bounded memory).
+//  * "window" (blocks of >= 16 pixels whose halo is small next to im2col's kh*kw copies, e.g. the
+//    8x8 / 4x4 blocks of the 112 / 56 grids under a 14x14 mask, 3x3 kernel): gather each visible
+//    block's input window, halo included (3x3/pad 1: (bh+2) x (bw+2), zero outside the image),
+//    into a channels-last batch [nb, C, WH, WW] and run torch's own convolution on it
+//    (at::convolution: oneDNN, fastest in NHWC), which gives exactly the [nb, C_out, bh, bw]
+//    visible outputs. Backward: at::convolution_backward on the windows, then the window
+//    gradients are added back into dx (overlapping halos add up).
+//  * "pixel" (small blocks; non-overlapping kernels such as 2x2/stride 2): im2col of the visible
+//    pixels, cols [P, K] (P = nb * bh * bw, K = C * kh * kw, pixel-major), one GEMM
+//    rows [C_out, P] = W [C_out, K] @ cols^T (at::mm: the BLAS torch links), in chunks of
+//    >= 1024 pixels / ~16 MB of cols. Backward:
+//    G [C_out, P] = grad_out at the visible pixels; dW = G @ cols; db = sum_p G;
+//    dcols = G^T @ W; dx = col2im(dcols).
+//
+// Input pixels outside every visible block's receptive field get exactly 0 gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <vector>
 
@@ -26,12 +37,17 @@ namespace spikeops {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunkElems = int64_t(1) << 21;  // cols chunk: ~8 MB of fp32
+constexpr int64_t kChunkElems = int64_t(1) << 22;  // im2col chunk: ~16 MB of fp32
+constexpr int64_t kMinChunkPixels = 1024;           // keeps the GEMM's N dimension large
+constexpr int64_t kWindowMinPixels = 16;            // blocks this large use the window path
+constexpr auto kNHWC = at::MemoryFormat::ChannelsLast;
 
 struct Geom {
-  int64_t N, C, H, W;      // input
+  int64_t N, C, H, W;  // input
   int64_t kh, kw, sh, sw, ph, pw;
   int64_t Ho, Wo, bh, bw;  // output and block size
+  int64_t WH() const { return (bh - 1) * sh + kh; }  // input window of one block
+  int64_t WW() const { return (bw - 1) * sw + kw; }
 };
 
 void check_blocks(const at::Tensor& blocks, const char* fn) {
@@ -39,129 +55,47 @@ void check_blocks(const at::Tensor& blocks, const char* fn) {
               fn, ": blocks must be contiguous int32 [nb, 3] (n, by, bx)");
 }
 
-// cols[k, (b - b0) * BP + py * bw + px] for k = (c, dy, dx), blocks b0..b1.
-template <typename scalar_t>
-void im2col(const scalar_t* x, const int32_t* blocks, int64_t b0, int64_t b1, const Geom& g, scalar_t* cols) {
-  const int64_t taps = g.kh * g.kw, K = g.C * taps, BP = g.bh * g.bw, Pc = (b1 - b0) * BP;
-  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t c = k / taps, dy = (k % taps) / g.kw, dx = k % g.kw;
-      scalar_t* dst_row = cols + k * Pc;
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n = blocks[3 * b], oy0 = blocks[3 * b + 1] * g.bh, ox0 = blocks[3 * b + 2] * g.bw;
-        const scalar_t* plane = x + (n * g.C + c) * g.H * g.W;
-        // px range with 0 <= ix = (ox0 + px) * sw + dx - pw < W
-        const int64_t base = ox0 * g.sw + dx - g.pw;
-        int64_t lo = base >= 0 ? 0 : (-base + g.sw - 1) / g.sw;
-        int64_t hi = base >= g.W ? 0 : (g.W - base + g.sw - 1) / g.sw;
-        lo = std::min(lo, g.bw);
-        hi = std::max(lo, std::min(hi, g.bw));
-        for (int64_t py = 0; py < g.bh; ++py) {
-          scalar_t* dst = dst_row + (b - b0) * BP + py * g.bw;
-          const int64_t iy = (oy0 + py) * g.sh + dy - g.ph;
-          if (iy < 0 || iy >= g.H) {
-            for (int64_t px = 0; px < g.bw; ++px) dst[px] = scalar_t(0);
-            continue;
-          }
-          const scalar_t* src = plane + iy * g.W + base;
-          for (int64_t px = 0; px < lo; ++px) dst[px] = scalar_t(0);
-          if (g.sw == 1) {
-            for (int64_t px = lo; px < hi; ++px) dst[px] = src[px];
-          } else {
-            for (int64_t px = lo; px < hi; ++px) dst[px] = src[px * g.sw];
-          }
-          for (int64_t px = hi; px < g.bw; ++px) dst[px] = scalar_t(0);
-        }
-      }
-    }
-  });
+void check_dtype(const at::Tensor& t, const char* fn) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, fn,
+              ": float32, float16 or bfloat16 only, got ", t.scalar_type());
 }
 
-// dx[n, c, iy, ix] += dcols[k, p]: the transpose of im2col. Parallel over input channels, so
-// no two threads touch one plane (taps of neighbouring blocks overlap in the halo).
-template <typename scalar_t>
-void col2im(const scalar_t* dcols, const int32_t* blocks, int64_t b0, int64_t b1, const Geom& g, float* dx) {
-  const int64_t taps = g.kh * g.kw, BP = g.bh * g.bw, Pc = (b1 - b0) * BP;
-  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t t = 0; t < taps; ++t) {
-        const int64_t dy = t / g.kw, dx_ = t % g.kw;
-        const scalar_t* src_row = dcols + (c * taps + t) * Pc;
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t n = blocks[3 * b], oy0 = blocks[3 * b + 1] * g.bh, ox0 = blocks[3 * b + 2] * g.bw;
-          float* plane = dx + (n * g.C + c) * g.H * g.W;
-          const int64_t base = ox0 * g.sw + dx_ - g.pw;
-          int64_t lo = base >= 0 ? 0 : (-base + g.sw - 1) / g.sw;
-          int64_t hi = base >= g.W ? 0 : (g.W - base + g.sw - 1) / g.sw;
-          lo = std::min(lo, g.bw);
-          hi = std::max(lo, std::min(hi, g.bw));
-          for (int64_t py = 0; py < g.bh; ++py) {
-            const int64_t iy = (oy0 + py) * g.sh + dy - g.ph;
-            if (iy < 0 || iy >= g.H) continue;
-            const scalar_t* src = src_row + (b - b0) * BP + py * g.bw;
-            float* dst = plane + iy * g.W + base;
-            if (g.sw == 1) {
-              for (int64_t px = lo; px < hi; ++px) dst[px] += static_cast<float>(src[px]);
-            } else {
-              for (int64_t px = lo; px < hi; ++px) dst[px * g.sw] += static_cast<float>(src[px]);
-            }
-          }
-        }
-      }
-    }
-  });
-}
+// Channels-last buffers are moved to / from NCHW planes in tiles of kTile channels: one pixel's
+// kTile channels are one contiguous cache line on the NHWC side, and the kTile plane rows on the
+// NCHW side stay in L1 while a row of pixels is walked.
+constexpr int64_t kTile = 16;
 
-// rows[c, (b - b0) * BP + q] = t[n, c, oy0 + q / bw, ox0 + q % bw] for blocks b0..b1.
-template <typename scalar_t>
-void gather(const scalar_t* t, const int32_t* blocks, int64_t b0, int64_t b1, int64_t C, int64_t H, int64_t W,
-            int64_t bh, int64_t bw, scalar_t* rows) {
-  const int64_t BP = bh * bw, Pc = (b1 - b0) * BP;
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n = blocks[3 * b], oy0 = blocks[3 * b + 1] * bh, ox0 = blocks[3 * b + 2] * bw;
-        const scalar_t* src = t + ((n * C + c) * H + oy0) * W + ox0;
-        scalar_t* dst = rows + c * Pc + (b - b0) * BP;
-        for (int64_t py = 0; py < bh; ++py)
-          for (int64_t px = 0; px < bw; ++px) dst[py * bw + px] = src[py * W + px];
-      }
-    }
-  });
-}
-
-// One block-index map [N, h, w]: the visible block's index, or -1.
-std::vector<int64_t> block_map(const int32_t* blocks, int64_t nb, int64_t N, int64_t h, int64_t w) {
-  std::vector<int64_t> map(N * h * w, -1);
-  for (int64_t b = 0; b < nb; ++b) map[(blocks[3 * b] * h + blocks[3 * b + 1]) * w + blocks[3 * b + 2]] = b;
+// The visible-block index of every mask cell [N, h, w] (its row in `blocks`), -1 when masked.
+std::vector<int32_t> block_index(const int32_t* blocks, int64_t nb, int64_t N, int64_t h, int64_t w) {
+  std::vector<int32_t> map(N * h * w, -1);
+  for (int64_t b = 0; b < nb; ++b) map[(blocks[3 * b] * h + blocks[3 * b + 1]) * w + blocks[3 * b + 2]] = int32_t(b);
   return map;
 }
 
-// out[n, c, y, x] = rows[c, p(b, ...)] (+ bias[c]) if block (n, y / bh, x / bw) = b is in b0..b1;
-// when zero_rest, 0 in masked blocks. Blocks visible but outside b0..b1 are left alone.
+// The visible pixels of t [N, C, H, W] (NCHW) into vis [P, C] (pixel-major = a channels-last
+// [nb, C, bh, bw]), pixel p = (b * bh + py) * bw + px. Walks the rows of t, skipping masked blocks.
 template <typename scalar_t>
-void scatter(const scalar_t* rows, const int32_t* blocks, int64_t b0, int64_t b1, const std::vector<int64_t>& map,
-             int64_t N, int64_t C, int64_t H, int64_t W, int64_t bh, int64_t bw, const float* bias, bool zero_rest,
-             scalar_t* out) {
-  const int64_t BP = bh * bw, Pc = (b1 - b0) * BP, h = H / bh, w = W / bw;
-  at::parallel_for(0, N * C, 1, [&](int64_t i0, int64_t i1) {
+void gather_visible(const scalar_t* t, const int32_t* map, int64_t N, int64_t C, int64_t H, int64_t W, int64_t bh,
+                    int64_t bw, scalar_t* vis) {
+  const int64_t h = H / bh, w = W / bw, HW = H * W, tiles = (C + kTile - 1) / kTile;
+  at::parallel_for(0, N * tiles, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / C, c = i % C;
-      const float bc = bias ? bias[c] : 0.0f;
-      const scalar_t* src_c = rows + c * Pc;
-      for (int64_t by = 0; by < h; ++by) {
+      const int64_t n = i / tiles, c0 = (i % tiles) * kTile, cn = std::min(kTile, C - c0);
+      const scalar_t* plane = t + (n * C + c0) * HW;
+      for (int64_t y = 0; y < H; ++y) {
+        const int32_t* mrow = map + (n * h + y / bh) * w;
+        const int64_t py = y % bh;
         for (int64_t bx = 0; bx < w; ++bx) {
-          const int64_t b = map[(n * h + by) * w + bx];
-          scalar_t* dst = out + ((n * C + c) * H + by * bh) * W + bx * bw;
-          if (b >= b0 && b < b1) {
-            const scalar_t* src = src_c + (b - b0) * BP;
-            for (int64_t py = 0; py < bh; ++py)
-              for (int64_t px = 0; px < bw; ++px)
-                dst[py * W + px] = bias ? static_cast<scalar_t>(static_cast<float>(src[py * bw + px]) + bc)
-                                        : src[py * bw + px];
-          } else if (b < 0 && zero_rest) {
-            for (int64_t py = 0; py < bh; ++py)
-              for (int64_t px = 0; px < bw; ++px) dst[py * W + px] = scalar_t(0);
+          const int64_t b = mrow[bx];
+          if (b < 0) continue;
+          const scalar_t* s = plane + y * W + bx * bw;
+          scalar_t* d = vis + ((b * bh + py) * bw) * C + c0;
+          if (cn == kTile) {  // constant trip count: unrolled
+            for (int64_t px = 0; px < bw; ++px)
+              for (int64_t cc = 0; cc < kTile; ++cc) d[px * C + cc] = s[cc * HW + px];
+          } else {
+            for (int64_t px = 0; px < bw; ++px)
+              for (int64_t cc = 0; cc < cn; ++cc) d[px * C + cc] = s[cc * HW + px];
           }
         }
       }
@@ -169,34 +103,202 @@ void scatter(const scalar_t* rows, const int32_t* blocks, int64_t b0, int64_t b1
   });
 }
 
-int64_t chunk_blocks(int64_t K, int64_t BP) { return std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, K * BP)); }
+// out [N, C, H, W] (NCHW) = vis [P, C] (+ bias) at the visible pixels, exactly 0 elsewhere: every
+// output element is written once, row by row.
+template <typename scalar_t>
+void fill_output(const scalar_t* vis, const int32_t* map, int64_t N, int64_t C, int64_t H, int64_t W, int64_t bh,
+                 int64_t bw, const float* bias, scalar_t* out) {
+  const int64_t h = H / bh, w = W / bw, HW = H * W, tiles = (C + kTile - 1) / kTile;
+  at::parallel_for(0, N * tiles, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / tiles, c0 = (i % tiles) * kTile, cn = std::min(kTile, C - c0);
+      float bc[kTile];
+      for (int64_t cc = 0; cc < kTile; ++cc) bc[cc] = bias && cc < cn ? bias[c0 + cc] : 0.0f;
+      scalar_t* plane = out + (n * C + c0) * HW;
+      for (int64_t y = 0; y < H; ++y) {
+        const int32_t* mrow = map + (n * h + y / bh) * w;
+        const int64_t py = y % bh;
+        for (int64_t bx = 0; bx < w; ++bx) {
+          const int64_t b = mrow[bx];
+          scalar_t* d = plane + y * W + bx * bw;
+          if (b < 0) {
+            for (int64_t cc = 0; cc < cn; ++cc)
+              for (int64_t px = 0; px < bw; ++px) d[cc * HW + px] = scalar_t(0);
+            continue;
+          }
+          const scalar_t* s = vis + ((b * bh + py) * bw) * C + c0;
+          if (cn == kTile) {  // constant trip count: unrolled
+            for (int64_t px = 0; px < bw; ++px)
+              for (int64_t cc = 0; cc < kTile; ++cc)
+                d[cc * HW + px] = static_cast<scalar_t>(static_cast<float>(s[px * C + cc]) + bc[cc]);
+          } else {
+            for (int64_t px = 0; px < bw; ++px)
+              for (int64_t cc = 0; cc < cn; ++cc)
+                d[cc * HW + px] = static_cast<scalar_t>(static_cast<float>(s[px * C + cc]) + bc[cc]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The valid range [lo, hi) of j for which 0 <= base + j < size, clipped to [0, len).
+inline std::array<int64_t, 2> valid_range(int64_t base, int64_t size, int64_t len) {
+  const int64_t lo = std::clamp<int64_t>(-base, 0, len);
+  const int64_t hi = std::clamp<int64_t>(size - base, lo, len);
+  return {lo, hi};
+}
+
+// patches[b, wy, wx, c] (NHWC, i.e. a channels-last [nb, C, WH, WW]) = x[n, c, iy0 + wy, ix0 + wx],
+// 0 outside the image; iy0 = by * bh * sh - ph, ix0 = bx * bw * sw - pw: each visible block's input window.
+template <typename scalar_t>
+void gather_windows(const scalar_t* x, const Geom& g, const int32_t* blocks, int64_t nb, scalar_t* patches) {
+  const int64_t WH = g.WH(), WW = g.WW(), C = g.C, HW = g.H * g.W;
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = blocks[3 * b];
+      const int64_t iy0 = blocks[3 * b + 1] * g.bh * g.sh - g.ph, ix0 = blocks[3 * b + 2] * g.bw * g.sw - g.pw;
+      const auto [xlo, xhi] = valid_range(ix0, g.W, WW);
+      const auto [ylo, yhi] = valid_range(iy0, g.H, WH);
+      scalar_t* pb = patches + b * WH * WW * C;
+      if (ylo > 0 || yhi < WH || xlo > 0 || xhi < WW) std::fill(pb, pb + WH * WW * C, scalar_t(0));
+      const scalar_t* xb = x + n * C * HW + iy0 * g.W + ix0;
+      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+        const int64_t cn = std::min(kTile, C - c0);
+        for (int64_t wy = ylo; wy < yhi; ++wy)
+          for (int64_t wx = xlo; wx < xhi; ++wx) {
+            const scalar_t* s = xb + c0 * HW + wy * g.W + wx;
+            scalar_t* d = pb + (wy * WW + wx) * C + c0;
+            if (cn == kTile) {
+              for (int64_t cc = 0; cc < kTile; ++cc) d[cc] = s[cc * HW];
+            } else {
+              for (int64_t cc = 0; cc < cn; ++cc) d[cc] = s[cc * HW];
+            }
+          }
+      }
+    }
+  });
+}
+
+// dx[n, c, iy0 + wy, ix0 + wx] += gpatches[b, wy, wx, c] (NHWC) inside the image: the transpose of
+// gather_windows. Windows of neighbouring blocks overlap, so threads split the channels (tiles).
+template <typename scalar_t>
+void scatter_add_windows(const scalar_t* gpatches, const Geom& g, const int32_t* blocks, int64_t nb, float* dx) {
+  const int64_t WH = g.WH(), WW = g.WW(), C = g.C, HW = g.H * g.W;
+  at::parallel_for(0, (C + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t n = blocks[3 * b];
+      const int64_t iy0 = blocks[3 * b + 1] * g.bh * g.sh - g.ph, ix0 = blocks[3 * b + 2] * g.bw * g.sw - g.pw;
+      const auto [xlo, xhi] = valid_range(ix0, g.W, WW);
+      const auto [ylo, yhi] = valid_range(iy0, g.H, WH);
+      const scalar_t* pb = gpatches + b * WH * WW * C;
+      float* db = dx + n * C * HW + iy0 * g.W + ix0;
+      for (int64_t c0 = t0 * kTile; c0 < std::min(C, t1 * kTile); c0 += kTile) {
+        const int64_t cn = std::min(kTile, C - c0);
+        for (int64_t wy = ylo; wy < yhi; ++wy)
+          for (int64_t wx = xlo; wx < xhi; ++wx) {
+            const scalar_t* s = pb + (wy * WW + wx) * C + c0;
+            float* d = db + c0 * HW + wy * g.W + wx;
+            if (cn == kTile) {
+              for (int64_t cc = 0; cc < kTile; ++cc) d[cc * HW] += static_cast<float>(s[cc]);
+            } else {
+              for (int64_t cc = 0; cc < cn; ++cc) d[cc * HW] += static_cast<float>(s[cc]);
+            }
+          }
+      }
+    }
+  });
+}
+
+// cols[(b - b0) * BP + py * bw + px, (c * kh + dy) * kw + dx] = x[n, c, oy * sh + dy - ph, ox * sw + dx - pw].
+template <typename scalar_t>
+void im2col(const scalar_t* x, const Geom& g, const int32_t* blocks, int64_t b0, int64_t b1, scalar_t* cols) {
+  const int64_t BP = g.bh * g.bw, K = g.C * g.kh * g.kw, HW = g.H * g.W;
+  at::parallel_for(0, (b1 - b0) * BP, 16, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b = b0 + q / BP, py = (q % BP) / g.bw, px = q % g.bw;
+      const int64_t n = blocks[3 * b];
+      const int64_t iy0 = (blocks[3 * b + 1] * g.bh + py) * g.sh - g.ph;
+      const int64_t ix0 = (blocks[3 * b + 2] * g.bw + px) * g.sw - g.pw;
+      const scalar_t* src = x + n * g.C * HW + iy0 * g.W + ix0;
+      scalar_t* d = cols + q * K;
+      const bool inside = iy0 >= 0 && ix0 >= 0 && iy0 + g.kh <= g.H && ix0 + g.kw <= g.W;
+      if (inside) {
+        for (int64_t c = 0; c < g.C; ++c, src += HW)
+          for (int64_t dy = 0; dy < g.kh; ++dy)
+            for (int64_t dx = 0; dx < g.kw; ++dx) *d++ = src[dy * g.W + dx];
+      } else {
+        const auto [xlo, xhi] = valid_range(ix0, g.W, g.kw);
+        const auto [ylo, yhi] = valid_range(iy0, g.H, g.kh);
+        for (int64_t c = 0; c < g.C; ++c, src += HW)
+          for (int64_t dy = 0; dy < g.kh; ++dy)
+            for (int64_t dx = 0; dx < g.kw; ++dx)
+              *d++ = (dy >= ylo && dy < yhi && dx >= xlo && dx < xhi) ? src[dy * g.W + dx] : scalar_t(0);
+      }
+    }
+  });
+}
+
+// dx[n, c, iy, ix] += dcols[q, k]: the transpose of im2col, parallel over input channels.
+template <typename scalar_t>
+void col2im(const scalar_t* dcols, const Geom& g, const int32_t* blocks, int64_t b0, int64_t b1, float* dx) {
+  const int64_t BP = g.bh * g.bw, taps = g.kh * g.kw, K = g.C * taps, HW = g.H * g.W;
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t q = 0; q < (b1 - b0) * BP; ++q) {
+      const int64_t b = b0 + q / BP, py = (q % BP) / g.bw, px = q % g.bw;
+      const int64_t n = blocks[3 * b];
+      const int64_t iy0 = (blocks[3 * b + 1] * g.bh + py) * g.sh - g.ph;
+      const int64_t ix0 = (blocks[3 * b + 2] * g.bw + px) * g.sw - g.pw;
+      const auto [xlo, xhi] = valid_range(ix0, g.W, g.kw);
+      const auto [ylo, yhi] = valid_range(iy0, g.H, g.kh);
+      for (int64_t c = c0; c < c1; ++c) {
+        float* d = dx + (n * g.C + c) * HW + iy0 * g.W + ix0;
+        const scalar_t* s = dcols + q * K + c * taps;
+        for (int64_t dy = ylo; dy < yhi; ++dy)
+          for (int64_t dx_ = xlo; dx_ < xhi; ++dx_) d[dy * g.W + dx_] += static_cast<float>(s[dy * g.kw + dx_]);
+      }
+    }
+  });
+}
+
+bool use_windows(const Geom& g) {
+  // The window path pays for the halo once per block; im2col pays kh*kw per pixel.
+  return g.bh * g.bw >= kWindowMinPixels && g.kh * g.kw * g.bh * g.bw >= 2 * g.WH() * g.WW();
+}
+
+int64_t chunk_blocks(int64_t K, int64_t BP) {
+  const int64_t pixels = std::max(kMinChunkPixels, kChunkElems / std::max<int64_t>(1, K));
+  return std::max<int64_t>(1, pixels / BP);
+}
 
 }  // namespace
 
 at::Tensor masked_gather(const at::Tensor& x, const at::Tensor& blocks, int64_t bh, int64_t bw) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "masked_gather: x must be contiguous [N, C, H, W]");
   check_blocks(blocks, "masked_gather");
-  const int64_t C = x.size(1), nb = blocks.size(0);
-  auto rows = at::empty({C, nb * bh * bw}, x.options());
+  check_dtype(x, "masked_gather");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), nb = blocks.size(0);
+  TORCH_CHECK(H % bh == 0 && W % bw == 0, "masked_gather: blocks must tile x");
+  auto out = at::empty({nb, C, bh, bw}, x.options().memory_format(kNHWC));
+  const auto map = block_index(blocks.const_data_ptr<int32_t>(), nb, N, H / bh, W / bw);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_gather", [&] {
-    gather(x.const_data_ptr<scalar_t>(), blocks.const_data_ptr<int32_t>(), 0, nb, C, x.size(2), x.size(3), bh, bw,
-           rows.mutable_data_ptr<scalar_t>());
+    gather_visible(x.const_data_ptr<scalar_t>(), map.data(), N, C, H, W, bh, bw, out.mutable_data_ptr<scalar_t>());
   });
-  return rows;
+  return out;
 }
 
-at::Tensor masked_scatter(const at::Tensor& rows, const at::Tensor& blocks, int64_t N, int64_t H, int64_t W,
-                          int64_t bh, int64_t bw) {
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "masked_scatter: rows must be contiguous [C, P]");
+at::Tensor masked_scatter(const at::Tensor& src, const at::Tensor& blocks, int64_t N, int64_t H, int64_t W) {
+  TORCH_CHECK(src.dim() == 4 && src.is_contiguous(kNHWC),
+              "masked_scatter: src must be a channels-last [nb, C, bh, bw]");
   check_blocks(blocks, "masked_scatter");
-  const int64_t C = rows.size(0), nb = blocks.size(0);
-  TORCH_CHECK(rows.size(1) == nb * bh * bw && H % bh == 0 && W % bw == 0, "masked_scatter: shapes do not agree");
-  auto out = at::empty({N, C, H, W}, rows.options());
-  const int32_t* bp = blocks.const_data_ptr<int32_t>();
-  const auto map = block_map(bp, nb, N, H / bh, W / bw);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "masked_scatter", [&] {
-    scatter(rows.const_data_ptr<scalar_t>(), bp, 0, nb, map, N, C, H, W, bh, bw, nullptr, true,
-            out.mutable_data_ptr<scalar_t>());
+  check_dtype(src, "masked_scatter");
+  const int64_t nb = blocks.size(0), C = src.size(1), bh = src.size(2), bw = src.size(3);
+  TORCH_CHECK(src.size(0) == nb && H % bh == 0 && W % bw == 0, "masked_scatter: shapes do not agree");
+  auto out = at::empty({N, C, H, W}, src.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto map = block_index(blocks.const_data_ptr<int32_t>(), nb, N, H / bh, W / bw);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "masked_scatter", [&] {
+    fill_output(src.const_data_ptr<scalar_t>(), map.data(), N, C, H, W, bh, bw, nullptr,
+                out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -208,29 +310,40 @@ at::Tensor masked_conv2d_forward(const at::Tensor& x, const at::Tensor& weight, 
                   weight.size(1) == x.size(1) && weight.scalar_type() == x.scalar_type(),
               "masked_conv2d_forward: x [N, C, H, W] and weight [C_out, C, kh, kw] must be contiguous, one dtype");
   check_blocks(blocks, "masked_conv2d_forward");
+  check_dtype(x, "masked_conv2d_forward");
   TORCH_CHECK(Ho % bh == 0 && Wo % bw == 0, "masked_conv2d_forward: blocks must tile the output");
   const Geom g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(2), weight.size(3), sh, sw, ph, pw, Ho, Wo, bh, bw};
-  const int64_t Cout = weight.size(0), K = g.C * g.kh * g.kw, BP = bh * bw, nb = blocks.size(0);
-  const at::Tensor w2 = weight.view({Cout, K});
+  const int64_t Cout = weight.size(0), K = g.C * g.kh * g.kw, BP = bh * bw, nb = blocks.size(0), P = nb * BP;
+  auto out = at::empty({g.N, Cout, Ho, Wo}, x.options());
   at::Tensor bias_f;
   if (bias) bias_f = bias->to(at::kFloat).contiguous();
-  auto out = at::empty({g.N, Cout, Ho, Wo}, x.options());
   const int32_t* bp = blocks.const_data_ptr<int32_t>();
-  const auto map = block_map(bp, nb, g.N, Ho / bh, Wo / bw);
-  const int64_t step = chunk_blocks(K, BP);
+  const auto map = block_index(bp, nb, g.N, Ho / bh, Wo / bw);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_conv2d_forward", [&] {
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const float* biasp = bias ? bias_f.const_data_ptr<float>() : nullptr;
-    // masked blocks: exactly 0 (the visible ones are written chunk by chunk below)
-    scatter<scalar_t>(nullptr, bp, 0, 0, map, g.N, Cout, Ho, Wo, bh, bw, nullptr, true, op);
-    at::Tensor cols = at::empty({std::min(step, nb) * K * BP}, x.options());
-    for (int64_t b0 = 0; b0 < nb; b0 += step) {
-      const int64_t b1 = std::min(nb, b0 + step), Pc = (b1 - b0) * BP;
-      at::Tensor c = cols.narrow(0, 0, K * Pc).view({K, Pc});
-      im2col(x.const_data_ptr<scalar_t>(), bp, b0, b1, g, c.mutable_data_ptr<scalar_t>());
-      const at::Tensor rows = at::mm(w2, c);
-      scatter(rows.const_data_ptr<scalar_t>(), bp, b0, b1, map, g.N, Cout, Ho, Wo, bh, bw, biasp, false, op);
+    at::Tensor vis;  // the visible outputs, [P, C_out] pixel-major
+    if (nb == 0) {
+      vis = at::empty({0, Cout}, x.options());
+    } else if (use_windows(g)) {
+      auto patches = at::empty({nb, g.C, g.WH(), g.WW()}, x.options().memory_format(kNHWC));
+      gather_windows(x.const_data_ptr<scalar_t>(), g, bp, nb, patches.mutable_data_ptr<scalar_t>());
+      vis = at::convolution(patches, weight.contiguous(kNHWC), std::nullopt, {sh, sw}, {0, 0}, {1, 1}, false, {0, 0},
+                            1)
+                .contiguous(kNHWC);  // [nb, C_out, bh, bw] channels last = [P, C_out]
+    } else {
+      vis = at::empty({P, Cout}, x.options());
+      const at::Tensor w2t = weight.view({Cout, K}).t();
+      const int64_t step = chunk_blocks(K, BP);
+      at::Tensor cols = at::empty({std::min(step, nb) * BP * K}, x.options());
+      for (int64_t b0 = 0; b0 < nb; b0 += step) {
+        const int64_t b1 = std::min(nb, b0 + step), Pc = (b1 - b0) * BP;
+        at::Tensor c = cols.narrow(0, 0, Pc * K).view({Pc, K});
+        im2col(x.const_data_ptr<scalar_t>(), g, bp, b0, b1, c.mutable_data_ptr<scalar_t>());
+        at::Tensor rows = vis.narrow(0, b0 * BP, Pc);
+        at::mm_out(rows, c, w2t);  // [Pc, C_out]
+      }
     }
+    fill_output(vis.const_data_ptr<scalar_t>(), map.data(), g.N, Cout, Ho, Wo, bh, bw,
+                bias ? bias_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -243,47 +356,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
                   grad_out.size(1) == weight.size(0) && grad_out.scalar_type() == weight.scalar_type(),
               "masked_conv2d_backward: grad_out [N, C_out, Ho, Wo] and weight must be contiguous, one dtype");
   check_blocks(blocks, "masked_conv2d_backward");
+  check_dtype(grad_out, "masked_conv2d_backward");
   const int64_t N = grad_out.size(0), Cout = weight.size(0), C = weight.size(1), Ho = grad_out.size(2),
                 Wo = grad_out.size(3);
   TORCH_CHECK(!need_w || (x.dim() == 4 && x.is_contiguous() && x.size(0) == N && x.size(1) == C && x.size(2) == H &&
                           x.size(3) == W && x.scalar_type() == weight.scalar_type()),
               "masked_conv2d_backward: x must be contiguous [N, C, H, W] when the weight needs a gradient");
   const Geom g{N, C, H, W, weight.size(2), weight.size(3), sh, sw, ph, pw, Ho, Wo, bh, bw};
-  const int64_t K = C * g.kh * g.kw, BP = bh * bw, nb = blocks.size(0);
-  TORCH_CHECK(grad_out.scalar_type() == at::kFloat || grad_out.scalar_type() == at::kHalf ||
-                  grad_out.scalar_type() == at::kBFloat16,
-              "masked_conv2d_backward: float32, float16 or bfloat16 only");
+  const int64_t K = C * g.kh * g.kw, BP = bh * bw, nb = blocks.size(0), P = nb * BP;
   const auto opts = grad_out.options();
   const auto fopts = opts.dtype(at::kFloat);
-  const bool half = grad_out.scalar_type() != at::kFloat;
-  // dx, dW and db accumulate in fp32 (then cast to the input dtype)
+  const bool reduced = grad_out.scalar_type() != at::kFloat;
+  // dx accumulates in fp32 (overlapping halos / taps add up), then is cast to the input dtype
   at::Tensor gx = need_x ? at::zeros({N, C, H, W}, fopts) : at::empty({0}, opts);
   at::Tensor gw = need_w ? at::zeros({Cout, K}, fopts) : at::empty({0}, opts);
   at::Tensor gb = need_b ? at::zeros({Cout}, fopts) : at::empty({0}, opts);
-  const at::Tensor w2t = weight.view({Cout, K}).t();
   const int32_t* bp = blocks.const_data_ptr<int32_t>();
-  const int64_t step = chunk_blocks(K, BP);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "masked_conv2d_backward", [&] {
-    at::Tensor gbuf = at::empty({Cout * std::min(step, nb) * BP}, opts);
-    at::Tensor cols = need_w ? at::empty({std::min(step, nb) * K * BP}, opts) : at::Tensor();
-    for (int64_t b0 = 0; b0 < nb; b0 += step) {
-      const int64_t b1 = std::min(nb, b0 + step), Pc = (b1 - b0) * BP;
-      at::Tensor G = gbuf.narrow(0, 0, Cout * Pc).view({Cout, Pc});
-      gather(grad_out.const_data_ptr<scalar_t>(), bp, b0, b1, Cout, Ho, Wo, bh, bw, G.mutable_data_ptr<scalar_t>());
-      if (need_b) gb.add_(G.sum(1, false, at::kFloat));
-      if (need_w) {
-        at::Tensor c = cols.narrow(0, 0, K * Pc).view({K, Pc});
-        im2col(x.const_data_ptr<scalar_t>(), bp, b0, b1, g, c.mutable_data_ptr<scalar_t>());
-        if (half) gw.add_(at::mm(G, c.t()).to(at::kFloat));
-        else gw.addmm_(G, c.t());
+  if (nb > 0) {
+    const auto map = block_index(bp, nb, N, Ho / bh, Wo / bw);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "masked_conv2d_backward", [&] {
+      // grad_out at the visible pixels, [P, C_out] pixel-major (= channels-last [nb, C_out, bh, bw])
+      auto G = at::empty({P, Cout}, opts);
+      gather_visible(grad_out.const_data_ptr<scalar_t>(), map.data(), N, Cout, Ho, Wo, bh, bw,
+                     G.mutable_data_ptr<scalar_t>());
+      if (need_b) gb.copy_(G.sum(0, false, at::kFloat));
+      if (use_windows(g)) {
+        const at::Tensor G4 = G.view({nb, bh, bw, Cout}).permute({0, 3, 1, 2});
+        // without a weight gradient the input gradient only needs the windows' shape (never read)
+        auto patches = at::empty({nb, C, g.WH(), g.WW()}, opts.memory_format(kNHWC));
+        if (need_w) gather_windows(x.const_data_ptr<scalar_t>(), g, bp, nb, patches.mutable_data_ptr<scalar_t>());
+        auto [gp, gw_, gb_] = at::convolution_backward(G4, patches, weight.contiguous(kNHWC), std::nullopt, {sh, sw},
+                                                       {0, 0}, {1, 1}, false, {0, 0}, 1, {need_x, need_w, false});
+        if (need_x) {
+          gp = gp.contiguous(kNHWC);
+          scatter_add_windows(gp.const_data_ptr<scalar_t>(), g, bp, nb, gx.mutable_data_ptr<float>());
+        }
+        if (need_w) gw.copy_(gw_.contiguous().view({Cout, K}));
+        return;
       }
-      if (need_x) {
-        const at::Tensor dcols = at::mm(w2t, G);
-        col2im(dcols.const_data_ptr<scalar_t>(), bp, b0, b1, g, gx.mutable_data_ptr<float>());
+      const at::Tensor w2 = weight.view({Cout, K});
+      const int64_t step = chunk_blocks(K, BP);
+      at::Tensor cols = need_w ? at::empty({std::min(step, nb) * BP * K}, opts) : at::Tensor();
+      for (int64_t b0 = 0; b0 < nb; b0 += step) {
+        const int64_t b1 = std::min(nb, b0 + step), Pc = (b1 - b0) * BP;
+        const at::Tensor Gc = G.narrow(0, b0 * BP, Pc);  // [Pc, C_out]
+        if (need_w) {
+          at::Tensor c = cols.narrow(0, 0, Pc * K).view({Pc, K});
+          im2col(x.const_data_ptr<scalar_t>(), g, bp, b0, b1, c.mutable_data_ptr<scalar_t>());
+          if (reduced) gw.add_(at::mm(Gc.t(), c).to(at::kFloat));
+          else gw.addmm_(Gc.t(), c);
+        }
+        if (need_x) {
+          const at::Tensor dcols = at::mm(Gc, w2);  // [Pc, K]
+          col2im(dcols.const_data_ptr<scalar_t>(), g, bp, b0, b1, gx.mutable_data_ptr<float>());
+        }
       }
-    }
-  });
-  if (need_x) gx = gx.to(grad_out.scalar_type());
+    });
+  }
+  if (need_x && reduced) gx = gx.to(grad_out.scalar_type());
   if (need_w) gw = gw.view({Cout, C, g.kh, g.kw}).to(grad_out.scalar_type());
   if (need_b) gb = gb.to(grad_out.scalar_type());
   return {gx, gw, gb};

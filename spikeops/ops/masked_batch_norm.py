@@ -23,10 +23,12 @@ included: with :math:`\hat x = (x - \mu)/\sigma`, :math:`g` = grad_y at visible 
     \;(\text{eval: } \tfrac{\gamma}{\sigma} g), \quad 0 \text{ at masked positions.}
 
 Implementation: the block gather/scatter kernels of :mod:`spikeops.ops.masked_conv` (C++ or
-Triton) move the visible blocks into ``[nb, C, bh, bw]`` and back (zero fill), so masked blocks
-are neither read nor normalised; the per-channel statistics (over dims 0, 2, 3) and the affine
-map run as torch ops on the gathered blocks in fp32. For backward the op keeps the gathered
-blocks (``(1 - mask ratio)`` of x), not x.
+Triton) move the visible blocks into a channels-last ``[nb, C, bh, bw]`` (= the ``[P, C]`` rows of
+the BatchNorm1d reference) and back (zero fill), so masked blocks are neither read nor
+normalised. On the gathered blocks, an ordinary (channels-last) batch,
+torch's own BatchNorm kernels do the rest (``native_batch_norm`` / ``native_batch_norm_backward``,
+statistics in fp32 also for fp16/bf16 input): the same arithmetic as the BatchNorm1d reference.
+For backward the op keeps the gathered blocks (``(1 - mask ratio)`` of x), not x.
 ``backend="torch"`` runs the reference.
 """
 from __future__ import annotations
@@ -69,24 +71,23 @@ def _forward(
     bh, bw = x.shape[2] // mask.shape[1], x.shape[3] // mask.shape[2]
     blocks = block_list(mask)
     vis = _gather(x, blocks, bh, bw, backend)
-    P = vis.numel() // x.shape[1]
-    rf = vis.float()
+    C = x.shape[1]
     if training:
+        P = vis.numel() // C
         if P < 2:
             raise ValueError(f"masked_batch_norm2d: training needs more than 1 visible position per channel, "
                              f"the mask leaves {P}")
-        var, mean = torch.var_mean(rf, dim=_DIMS, correction=0)
-        var_unbiased = var * (P / (P - 1))
+        # torch's own BatchNorm kernel on the visible blocks; with momentum 1 into zeroed buffers
+        # the "running" stats it writes are exactly the batch mean and unbiased variance
+        batch_mean, var_unbiased = (torch.zeros((C,), device=x.device, dtype=torch.float32) for _ in range(2))
+        y_vis, mean, invstd = torch.native_batch_norm(vis, weight, bias, batch_mean, var_unbiased, True, 1.0, eps)
+        mean, invstd = mean.float(), invstd.float()
     else:
-        mean, var = running_mean.to(torch.float32, copy=True), running_var.float()
+        y_vis = torch.native_batch_norm(vis, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+        mean = running_mean.to(torch.float32, copy=True)
+        invstd = torch.rsqrt(running_var.float() + eps)
         var_unbiased = mean.new_empty((0,))
-    invstd = torch.rsqrt(var + eps)
-    scale = invstd * weight.float() if weight is not None else invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.float()
-    y_vis = torch.addcmul(_per_channel(shift), rf, _per_channel(scale)).to(x.dtype)
-    y = _scatter(y_vis, blocks, x.shape, backend)
+    y = _scatter(y_vis.contiguous(memory_format=torch.channels_last), blocks, x.shape, backend)
     return y, mean, invstd, var_unbiased, vis if save else x.new_empty((0,))
 
 
@@ -95,7 +96,8 @@ def _(x, mask, weight, bias, running_mean, running_var, training, eps, save, bac
     C = x.shape[1]
     stat = x.new_empty((C,), dtype=torch.float32)
     bh, bw = x.shape[2] // mask.shape[1], x.shape[3] // mask.shape[2]
-    vis = x.new_empty((torch.library.get_ctx().new_dynamic_size(), C, bh, bw)) if save else x.new_empty((0,))
+    vis = (torch.empty((torch.library.get_ctx().new_dynamic_size(), C, bh, bw), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last) if save else x.new_empty((0,)))
     return torch.empty_like(x), stat, stat.new_empty((C,)), stat.new_empty((C,) if training else (0,)), vis
 
 
@@ -108,34 +110,33 @@ def _backward_op(
     neither dW nor the training dx is needed) -> (dx, dweight, dbias), unneeded ones empty."""
     bh, bw = grad_y.shape[2] // mask.shape[1], grad_y.shape[3] // mask.shape[2]
     blocks = block_list(mask)
-    g = _gather(grad_y, blocks, bh, bw, backend).float()
-    C = grad_y.shape[1]
-    P = g.numel() // C
-    w = weight.float() if weight is not None else torch.ones((C,), device=grad_y.device)
-    gb = g.sum(_DIMS)
-    xhat = gw = None
-    if need_w or (training and need_x):
-        xhat = (vis.float() - _per_channel(mean)) * _per_channel(invstd)
-        gw = (g * xhat).sum(_DIMS)
-    empty = grad_y.new_empty((0,))
-    gx = empty
-    if need_x:
-        scale = _per_channel(w * invstd)
-        if training:
-            gx_vis = scale * (g - _per_channel(gb / P) - xhat * _per_channel(gw / P))
-        else:
-            gx_vis = g * scale
-        gx = _scatter(gx_vis.to(grad_y.dtype), blocks, grad_y.shape, backend)
-    return (gx, gw.to(weight.dtype) if need_w else empty,
-            gb.to(weight.dtype if weight is not None else grad_y.dtype) if need_b else empty)
+    g = _gather(grad_y, blocks, bh, bw, backend)
+    empty = lambda: grad_y.new_empty((0,))  # noqa: E731 - distinct tensors: outputs must not alias
+    if training:
+        gx_vis, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, vis, weight, None, None, mean, invstd, True, 0.0, [need_x, need_w, need_b])
+    else:  # eval: y = x * (w * invstd) + const per channel, with the running stats
+        gf = g.float()
+        gx_vis = gw = gb = None
+        if need_x:
+            w = weight.float() if weight is not None else torch.ones_like(invstd)
+            gx_vis = gf * _per_channel(w * invstd)
+        if need_w:
+            gw = (gf * ((vis.float() - _per_channel(mean)) * _per_channel(invstd))).sum(_DIMS)
+        if need_b:
+            gb = gf.sum(_DIMS)
+    gx = (_scatter(gx_vis.to(grad_y.dtype).contiguous(memory_format=torch.channels_last), blocks, grad_y.shape,
+                   backend) if need_x else empty())
+    return (gx, gw.to(weight.dtype) if need_w else empty(),
+            gb.to(weight.dtype if weight is not None else torch.float32) if need_b else empty())
 
 
 @_backward_op.register_fake
 def _(grad_y, vis, mask, weight, mean, invstd, training, need_x, need_w, need_b, backend):
-    empty = grad_y.new_empty((0,))
+    empty = lambda: grad_y.new_empty((0,))  # noqa: E731 - distinct tensors: outputs must not alias
     C = grad_y.shape[1]
-    return (torch.empty_like(grad_y) if need_x else empty, weight.new_empty((C,)) if need_w else empty,
-            grad_y.new_empty((C,)) if need_b else empty)
+    return (torch.empty_like(grad_y) if need_x else empty(), weight.new_empty((C,)) if need_w else empty(),
+            grad_y.new_empty((C,)) if need_b else empty())
 
 
 def _setup_context(ctx, inputs, output):
@@ -155,7 +156,7 @@ def _backward(ctx, grad_y, *_):
         return (None,) * 10
     vis, mask, weight, mean, invstd = ctx.saved_tensors
     training, need_x, need_w, need_b, backend = ctx.params
-    if (need_w or (training and need_x)) and vis.dim() != 4:
+    if (need_w or training) and vis.dim() != 4:
         raise RuntimeError("spikeops.masked_batch_norm2d: backward through a forward that ran without grad enabled")
     gx, gw, gb = _backward_op(grad_y.contiguous(), vis, mask, weight, mean, invstd, training, need_x, need_w, need_b,
                               backend)
@@ -218,7 +219,8 @@ def masked_batch_norm2d(
         return reference.masked_batch_norm2d_reference(x, mask, running_mean, running_var, weight, bias, training,
                                                        float(momentum), float(eps))
     needs_grad = torch.is_grad_enabled()
-    save = needs_grad and ((weight is not None and weight.requires_grad) or (training and x.requires_grad))
+    any_grad = x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
+    save = needs_grad and ((weight is not None and weight.requires_grad) or (training and any_grad))
     y, mean, _, var_unbiased, _ = _forward(x.contiguous(), full, weight, bias, running_mean, running_var,
                                            bool(training), float(eps), save, chosen)
     if training and running_mean is not None:

@@ -13,28 +13,39 @@ blocks of :math:`b_h \times b_w = (H_o/h) \times (W_o/w)` pixels:
 exactly 0; the mask batch ``N_m`` divides N and is repeated over time (``n = t * N_m + b``).
 
 How the kernels skip the masked blocks. The visible blocks are listed once
-(``torch.nonzero(mask)`` -> ``[nb, 3]`` of (n, by, bx)); the visible output pixels, P = nb *
-b_h * b_w of them, are the columns of every matrix below (column ``p = (b*b_h + py)*b_w + px``),
-and K = C * kh * kw:
+(``torch.nonzero(mask)`` -> ``[nb, 3]`` of (n, by, bx)); P = nb * b_h * b_w visible output
+pixels, K = C * kh * kw. Every product runs on the visible blocks only and the output is written
+once: computed values in visible blocks, exactly 0 in masked ones.
 
-* forward: ``cols [K, P]`` = im2col of the visible blocks, each with its halo (3x3/pad 1: the
-  block plus a 1-pixel ring, zero outside the image; 2x2/stride 2: the 2x-size input block, no
-  halo); ``rows = W.view(C_out, K) @ cols``; the output is written once: ``rows (+ b)`` in
-  visible blocks, 0 in masked ones. Cost ~ (1 - mask ratio) of the dense conv, plus the halo.
-* backward, with ``G [C_out, P]`` = grad_out at the visible pixels (the output was masked, so
-  grad_out elsewhere does not matter): ``dW = G @ cols^T``, ``db = sum_p G``,
-  ``dcols = W^T @ G`` and ``dx = col2im(dcols)`` (scatter-add back through the same gather).
-  Input pixels outside every visible block's receptive field get exactly 0, as in the reference.
+* ``cpp`` (``csrc/cpu/masked_conv.cpp``; OpenMP gather/scatter in C++, the products in torch's
+  own CPU kernels), two paths picked by block size:
 
-Backends. ``cpp`` (``csrc/cpu/masked_conv.cpp``): OpenMP im2col/col2im/gather/scatter in C++
-around ``at::mm`` (the BLAS torch already links: MKL/OpenBLAS), in chunks of blocks so that the
-im2col buffer stays ~8 MB; backward recomputes ``cols`` from the saved input rather than keeping
-it (the op saves what ``conv2d`` saves: x and the weight, plus the small mask). ``triton``
-(``spikeops/triton/masked_conv.py``): implicit-GEMM kernels over the visible-pixel list (no
-cols buffer); dx is one launch per kernel tap, so it needs no atomics and is deterministic.
-``torch``: the reference (dense conv then mask). fp32/fp16/bf16 on the kernels; the kernels
-accumulate in fp32. Supported: groups=1, dilation=1, zero padding, any kernel size/stride/padding
-whose output the mask tiles. Double backward is not supported by the kernel backends.
+  - window (blocks of >= 16 pixels, e.g. the 8x8 / 4x4 blocks of the 112 / 56 SCS grids): each
+    visible block's input window, halo included (3x3/pad 1: (b_h+2) x (b_w+2), zero outside the
+    image; 2x2/stride 2: the 2b_h x 2b_w input block, no halo), is gathered into a channels-last
+    batch ``[nb, C, WH, WW]``; torch's convolution (oneDNN) on it gives exactly the visible
+    outputs ``[nb, C_out, b_h, b_w]``, which are scattered into the output. Backward:
+    ``aten.convolution_backward`` on the same windows; the window gradients are added back into
+    dx (neighbouring halos overlap and add up).
+  - pixel (small blocks, and non-overlapping kernels such as 2x2/stride 2): im2col of the visible
+    pixels ``cols [P, K]`` and one GEMM ``W.view(C_out, K) @ cols^T`` (``at::mm``: the BLAS torch
+    links), in chunks of >= 1024 pixels / ~16 MB. Backward: ``G [C_out, P]`` = grad_out at the
+    visible pixels, ``dW = G @ cols``, ``db = sum_p G``, ``dcols = G^T @ W``, dx = col2im(dcols).
+
+  Backward recomputes the windows / cols from the saved input instead of keeping them: the op
+  saves what ``conv2d`` saves (x, only when the weight needs a gradient, and the weight) plus the
+  small mask.
+* ``triton`` (``spikeops/triton/masked_conv.py``): implicit-GEMM kernels over the list of visible
+  pixels (no cols buffer, ``tl.dot`` with fp32 accumulation, IEEE fp32 for fp32 inputs); dW is
+  split over P with fp32 partial sums; dx is one launch per kernel tap, so it needs no atomics
+  and is deterministic.
+* ``torch``: the reference (dense conv, then the mask).
+
+In backward, only grad_out at visible positions is read (the output was masked), and input
+pixels outside every visible block's receptive field get exactly 0, as in the reference.
+fp32/fp16/bf16 on the kernels (fp32 accumulation). Supported: groups=1, dilation=1, zero padding,
+any kernel size / stride / padding whose output the mask tiles. Double backward is not supported
+by the kernel backends.
 """
 from __future__ import annotations
 
@@ -144,10 +155,10 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad_out, x, weight, mask, stride, padding, input_size, need_x, need_w, need_b, backend):
-    empty = grad_out.new_empty((0,))
-    gx = grad_out.new_empty((grad_out.shape[0], weight.shape[1], *input_size)) if need_x else empty
-    gw = torch.empty_like(weight) if need_w else empty
-    gb = grad_out.new_empty((weight.shape[0],)) if need_b else empty
+    empty = lambda: grad_out.new_empty((0,))  # noqa: E731 - distinct tensors: outputs must not alias
+    gx = grad_out.new_empty((grad_out.shape[0], weight.shape[1], *input_size)) if need_x else empty()
+    gw = torch.empty_like(weight) if need_w else empty()
+    gb = grad_out.new_empty((weight.shape[0],)) if need_b else empty()
     return gx, gw, gb
 
 
@@ -205,6 +216,10 @@ def masked_conv2d(
     """
     check_float_tensor("x", x)
     check_float_tensor("weight", weight)
+    if _pair("dilation", dilation, 1) != [1, 1]:
+        raise ValueError(f"dilation must be 1: masked_conv2d has no dilated kernel, got {dilation!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups != 1:
+        raise ValueError(f"groups must be 1: masked_conv2d has no grouped kernel, got {groups!r}")
     if x.dim() != 4 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty [N, C, H, W] (4-d) tensor, got shape {tuple(x.shape)}")
     if weight.dim() != 4 or weight.numel() == 0:
@@ -222,10 +237,6 @@ def masked_conv2d(
             raise ValueError(f"bias must share x's dtype and device ({x.dtype}, {x.device}), got {bias.dtype}, {bias.device}")
     stride = _pair("stride", stride, 1)
     padding = _pair("padding", padding, 0)
-    if _pair("dilation", dilation, 1) != [1, 1]:
-        raise ValueError(f"dilation must be 1: masked_conv2d has no dilated kernel, got {dilation!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups != 1:
-        raise ValueError(f"groups must be 1: masked_conv2d has no grouped kernel, got {groups!r}")
     Ho, Wo = out_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding)
     if Ho < 1 or Wo < 1:
         raise ValueError(f"the output would be empty ({Ho}x{Wo}): kernel {tuple(weight.shape[2:])} larger than the "

@@ -3,7 +3,7 @@
 Same functions and arguments as the C++ kernels (``csrc/cpu/masked_conv.cpp``). ``blocks``
 ``[nb, 3]`` int32 lists the visible ``bh x bw`` output blocks as (n, by, bx); visible pixel
 ``p = (b * bh + py) * bw + px``. ``masked_gather`` / ``masked_scatter`` move the visible blocks
-between ``[N, C, H, W]`` and ``[nb, C, bh, bw]`` (zero fill). The conv kernels are implicit
+between ``[N, C, H, W]`` and a channels-last ``[nb, C, bh, bw]`` (= ``[P, C]``; zero fill). The conv kernels are implicit
 GEMMs over the list of visible pixels: nothing is computed, read or written for masked blocks
 except the output's zero fill, and no im2col buffer is materialised.
 
@@ -22,14 +22,24 @@ except the output's zero fill, and no im2col buffer is materialised.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_P = 64
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tile sizes. The interpreter (tests on CPU) runs each program as numpy ops: fewer, larger tiles.
+BLOCK_P = 256 if _INTERPRET else 64
 BLOCK_C = 32
 BLOCK_K = 32
 GATHER_BLOCK_C = 16
+
+
+def _ieee(dtype) -> bool:
+    """Dot in fp32 with input_precision="ieee": fp32 inputs (no TF32 rounding), and bf16 under the
+    interpreter, whose bf16 ``tl.dot`` is wrong (fp16/bf16 on a GPU: native dot, fp32 accumulation)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRET)
 
 
 def _blocks_ok(blocks):
@@ -37,11 +47,12 @@ def _blocks_ok(blocks):
 
 
 def masked_gather(x, blocks, bh, bw):
-    """x [N, C, H, W] contiguous -> the visible blocks [nb, C, bh, bw]."""
+    """x [N, C, H, W] contiguous -> the visible blocks [nb, C, bh, bw], channels last (= [P, C])."""
     _blocks_ok(blocks)
     N, C, H, W = x.shape
     P = blocks.shape[0] * bh * bw
-    out = torch.empty((blocks.shape[0], C, bh, bw), device=x.device, dtype=x.dtype)
+    out = torch.empty((blocks.shape[0], C, bh, bw), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
     if P:
         grid = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, GATHER_BLOCK_C))
         _gather_kernel[grid](x, blocks, out, P, C, H, W, BH=bh, BW=bw, BLOCK_P=BLOCK_P, BLOCK_C=GATHER_BLOCK_C)
@@ -49,8 +60,9 @@ def masked_gather(x, blocks, bh, bw):
 
 
 def masked_scatter(src, blocks, N, H, W):
-    """src [nb, C, bh, bw] -> [N, C, H, W]: src at the visible blocks, exactly 0 elsewhere."""
+    """src [nb, C, bh, bw] channels last -> [N, C, H, W]: src at the visible blocks, exactly 0 elsewhere."""
     _blocks_ok(blocks)
+    assert src.is_contiguous(memory_format=torch.channels_last)
     nb, C, bh, bw = src.shape
     P = nb * bh * bw
     out = torch.zeros((N, C, H, W), device=src.device, dtype=src.dtype)
@@ -72,7 +84,7 @@ def masked_conv2d_forward(x, weight, bias, blocks, sh, sw, ph, pw, bh, bw, Ho, W
         _forward_kernel[grid](
             x, weight, bias if bias is not None else weight, blocks, out,
             P, C, H, W, C_out, Ho, Wo, C * kh * kw, sh, sw, ph, pw,
-            KH=kh, KW=kw, BH=bh, BW=bw, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+            KH=kh, KW=kw, BH=bh, BW=bw, HAS_BIAS=bias is not None, IEEE=_ieee(x.dtype),
             BLOCK_P=BLOCK_P, BLOCK_CO=BLOCK_C, BLOCK_K=BLOCK_K,
         )
     return out
@@ -86,9 +98,8 @@ def masked_conv2d_backward(grad_out, x, weight, blocks, sh, sw, ph, pw, bh, bw, 
     K = C * kh * kw
     P = blocks.shape[0] * bh * bw
     dev, dtype = grad_out.device, grad_out.dtype
-    empty = torch.empty((0,), device=dev, dtype=dtype)
-    ieee = dtype == torch.float32
-    gx = gw = gb = empty
+    ieee = _ieee(dtype)
+    gx, gw, gb = (torch.empty((0,), device=dev, dtype=dtype) for _ in range(3))  # distinct: outputs must not alias
     if need_x:
         acc = torch.zeros((N, C, H, W), device=dev, dtype=torch.float32)
         if P:
@@ -133,9 +144,8 @@ def _pixels(blk_ptr, p, P, BH: tl.constexpr, BW: tl.constexpr):
 
 @triton.jit
 def _block_offsets(p, c, C, BH: tl.constexpr, BW: tl.constexpr):
-    """Offsets of (c, p) in a [nb, C, BH, BW] tensor."""
-    b = (p // (BH * BW)).to(tl.int64)
-    return (b[None, :] * C + c[:, None]) * (BH * BW) + (p % (BH * BW))[None, :]
+    """Offsets of (c, p) in a channels-last [nb, C, BH, BW] tensor (= [P, C])."""
+    return p[None, :].to(tl.int64) * C + c[:, None]
 
 
 @triton.jit
@@ -184,7 +194,7 @@ def _forward_kernel(
         xt = tl.load(x_ptr + ((n[None, :] * C + c[:, None]) * H + iy) * W + ix, mask=valid, other=0.0)
         wt = tl.load(w_ptr + co[:, None] * K + k[None, :], mask=cm[:, None] & km[None, :], other=0.0)
         if IEEE:
-            acc = tl.dot(wt, xt, acc, input_precision="ieee")
+            acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(wt, xt, acc)
     if HAS_BIAS:
@@ -222,7 +232,7 @@ def _dw_kernel(
             valid = pm[:, None] & km[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             xt = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + iy) * W + ix, mask=valid, other=0.0)
             if IEEE:
-                acc = tl.dot(g, xt, acc, input_precision="ieee")
+                acc = tl.dot(g.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(g, xt, acc)
     if NEED_W:
@@ -251,7 +261,7 @@ def _dx_kernel(
         g = tl.load(g_ptr + ((n[None, :] * C_out + co[:, None]) * Ho + oy[None, :]) * Wo + ox[None, :],
                     mask=com[:, None] & pm[None, :], other=0.0)  # [BLOCK_CO, BLOCK_P]
         if IEEE:
-            acc = tl.dot(wt, g, acc, input_precision="ieee")
+            acc = tl.dot(wt.to(tl.float32), g.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(wt, g, acc)
     iy = oy * SH + DY - PH
