@@ -93,7 +93,8 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same constructor, parameters, buffers and state_dict) that, inside
     :func:`masking`, takes batch statistics and updates running statistics over the visible
     positions only and outputs exactly 0 at masked ones (:func:`spikeops.masked_batch_norm2d`).
-    Eval mode (or ``track_running_stats`` with running stats) uses the running statistics."""
+    Eval mode uses the running statistics; momentum=None (cumulative average) and
+    track_running_stats=False behave as in ``nn.BatchNorm2d``."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -104,8 +105,6 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         if mask is None:
             return super().forward(x)
         flat, tb = _fold(x, "MaskedBatchNorm2d")
-        if flat.dim() != 4:
-            raise ValueError(f"MaskedBatchNorm2d: expected 4-d input, got shape {tuple(flat.shape)}")
         # the bookkeeping of nn.BatchNorm2d.forward (momentum=None: cumulative moving average)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

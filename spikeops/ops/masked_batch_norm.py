@@ -106,8 +106,8 @@ def _backward_op(
     grad_y: torch.Tensor, vis: torch.Tensor, mask: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
     invstd: torch.Tensor, training: bool, need_x: bool, need_w: bool, need_b: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_y [N, C, H, W] contiguous, vis [nb, C, bh, bw] (x's visible blocks; may be empty when
-    neither dW nor the training dx is needed) -> (dx, dweight, dbias), unneeded ones empty."""
+    """grad_y [N, C, H, W] contiguous, vis: x's visible blocks (channels-last [nb, C, bh, bw]; may be
+    empty in eval without dW) -> (dx, dweight, dbias), unneeded ones empty."""
     bh, bw = grad_y.shape[2] // mask.shape[1], grad_y.shape[3] // mask.shape[2]
     blocks = block_list(mask)
     g = _gather(grad_y, blocks, bh, bw, backend)
