@@ -16,7 +16,8 @@ class SpikeLinearBNLIF(nn.Module):
 
     BatchNorm statistics are shared over T, B and N (BatchNorm1d on the flattened
     ``[T*B*N, C]`` tensor), as in Spikformer. Backward keeps the input compactly (bits for
-    spikes) and recomputes the BatchNorm input (:func:`spikeops.nn.linear_bn.linear_batch_norm`).
+    spikes) and recomputes the BatchNorm input (:func:`spikeops.nn.linear_bn.linear_batch_norm`);
+    with ``backend="torch"`` it is the plain ``lif(bn(linear(x)))`` of eager PyTorch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tau: float = 2.0,
@@ -25,8 +26,12 @@ class SpikeLinearBNLIF(nn.Module):
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         self.bn = nn.BatchNorm1d(out_features)
         self.lif = LIF(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            y = self.linear(x)
+            return self.lif(self.bn(y.reshape(-1, y.shape[-1])).view(y.shape))
         return self.lif(linear_batch_norm(x, self.linear, self.bn))
 
 

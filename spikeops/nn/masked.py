@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from spikeops.ops.masked_batch_norm import masked_batch_norm2d
+from spikeops.nn.spike_layers import SpikeConv2d
 from spikeops.ops.masked_conv import check_mask, masked_conv2d
 
 _MASKS: list = []
@@ -168,14 +169,14 @@ def _swap(module: nn.Module, convert, path: str) -> nn.Module:
 
 
 def to_masked(module: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace every ``nn.Conv2d`` / ``nn.BatchNorm2d`` (exactly those classes) in ``module`` by
+    """Replace every ``nn.Conv2d`` (or :class:`spikeops.nn.SpikeConv2d`) / ``nn.BatchNorm2d`` in ``module`` by
     :class:`MaskedConv2d` / :class:`MaskedBatchNorm2d` holding the same Parameter and buffer
     objects (weights, running stats; nothing copied, state_dict keys unchanged). Returns the
     module (a new one if ``module`` itself is a Conv2d/BatchNorm2d). A Conv2d the masked kernel
     cannot run (groups, dilation, padding mode) raises ``ValueError`` naming it."""
 
     def convert(m, path):
-        if type(m) is nn.Conv2d:
+        if type(m) in (nn.Conv2d, SpikeConv2d):
             _check_conv(m, f"to_masked: {path}")
             return _share(MaskedConv2d(**{**_conv_args(m), "device": "meta"}, backend=backend), m)
         if type(m) is nn.BatchNorm2d:

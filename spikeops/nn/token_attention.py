@@ -21,12 +21,16 @@ from spikeops.ops.token_attention import token_attention
 
 
 class ConvBNLIF(nn.Module):
-    """``LIF(BN(conv1d(x)))`` on ``[T, B, C_in, N]`` -> spikes ``[T, B, C_out, N]`` (BN over T, B, N)."""
+    """``LIF(BN(conv1d(x)))`` on ``[T, B, C_in, N]`` -> spikes ``[T, B, C_out, N]`` (BN over T, B, N).
+
+    The conv is a :class:`SpikeConv1d` (input saved as bits), or a plain ``nn.Conv1d`` with
+    ``backend="torch"`` (the eager baseline); the parameters are the same either way."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, bias: bool = False,
                  tau: float = 2.0, backend: str = "auto"):
         super().__init__()
-        self.conv = SpikeConv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        conv = nn.Conv1d if backend == "torch" else SpikeConv1d
+        self.conv = conv(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.bn = nn.BatchNorm1d(out_channels)
         self.lif = LIF(tau=tau, detach_reset=True, backend=backend)
 

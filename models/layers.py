@@ -1,0 +1,91 @@
+"""Building blocks shared by the Spikformer-family models.
+
+Tensors are time-major: images ``[T, B, C, H, W]``, tokens ``[T, B, N, C]``. BatchNorm runs
+over the flattened ``[T*B, ...]`` tensor (statistics shared across time steps), every neuron is
+``spikeops.nn.LIF(tau=2, v_threshold=1, v_reset=0, detach_reset=True, sigmoid surrogate)``.
+
+``backend`` is passed to every spikeops layer. ``backend="torch"`` builds the eager baseline:
+plain ``nn.Conv2d``/``nn.Linear`` layers (autograd keeps fp32 inputs) and the reference ops of
+:mod:`spikeops.reference`; the parameters and state_dict keys are the same as with the kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import spikeops.nn as snn
+
+
+def conv2d(backend: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+           padding: int = 0, bias: bool = False, spikes_in: bool = True) -> nn.Conv2d:
+    """A Conv2d for ``backend``: :class:`spikeops.nn.SpikeConv2d` (saves its spike input as bits)
+    when the input is spikes and the kernels are on, else ``nn.Conv2d``."""
+    cls = snn.SpikeConv2d if spikes_in and backend != "torch" else nn.Conv2d
+    return cls(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+
+
+class ConvBNLIF2d(nn.Module):
+    """``LIF(BN(conv2d(x)))``: ``[T, B, C_in, H, W]`` -> spikes ``[T, B, C_out, H', W']``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 1, spikes_in: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.conv = conv2d(backend, in_channels, out_channels, kernel_size, stride, padding, spikes_in=spikes_in)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.lif = snn.LIF(tau=2.0, detach_reset=True, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B = x.shape[:2]
+        y = self.bn(self.conv(x.flatten(0, 1)))
+        return self.lif(y.view(T, B, *y.shape[1:]))
+
+
+class SpikformerBlock(nn.Module):
+    """``x = x + SSA(x); x = x + MLP(x)`` on tokens ``[T, B, N, C]`` (Spikformer's encoder block).
+
+    After the first block the input is a small non-negative integer tensor (residual sums of
+    spikes), not 0/1; the projections save it as uint8 for backward."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, scale: float = 0.125,
+                 qkv_bias: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.attn = snn.SpikingSelfAttention(dim, num_heads, scale=scale, qkv_bias=qkv_bias, backend=backend)
+        self.mlp = snn.SpikingMLP(dim, int(dim * mlp_ratio), backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class TokenHead(nn.Module):
+    """Classifier: mean over tokens and time, then Linear. ``[T, B, N, C]`` -> logits ``[B, classes]``."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(0, 2)))
+
+
+def time_major_images(x: torch.Tensor, T: int, in_channels: int, grid: int, where: str) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` (repeated T times) or event frames ``[T', B, C, H, W]`` -> ``[T, B, C, H, W]``.
+
+    Raises ``ValueError`` for a wrong rank, channel count, or H/W not divisible by ``grid``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: x must be a tensor [B, C, H, W] or [T, B, C, H, W], got {type(x).__name__}")
+    if x.dim() == 4:
+        x = x.unsqueeze(0).expand(T, *x.shape)
+    elif x.dim() != 5:
+        raise ValueError(f"{where}: x must be [B, C, H, W] images or [T, B, C, H, W] frames, got shape {tuple(x.shape)}")
+    if x.shape[2] != in_channels:
+        raise ValueError(f"{where}: x has {x.shape[2]} channels, the model was built with in_channels={in_channels}")
+    if x.shape[-1] % grid or x.shape[-2] % grid:
+        raise ValueError(f"{where}: image size {tuple(x.shape[-2:])} must be divisible by {grid} (the patch grid)")
+    return x
+
+
+def check_img_size(img_size: int, grid: int, where: str) -> None:
+    """Raise ``ValueError`` unless ``img_size`` is a positive multiple of ``grid``."""
+    if img_size <= 0 or img_size % grid:
+        raise ValueError(f"{where}: img_size={img_size} must be a positive multiple of {grid} (the patch grid)")
