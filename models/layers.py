@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import spikeops.nn as snn
+from spikeops.ops.batch_norm_lif import batch_norm_lif
 
 
 def conv2d(backend: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -36,8 +37,8 @@ class ConvBNLIF2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B = x.shape[:2]
-        y = self.bn(self.conv(x.flatten(0, 1)))
-        return self.lif(y.view(T, B, *y.shape[1:]))
+        y = batch_norm_lif(self.conv(x.flatten(0, 1)), self.bn, self.lif, T)
+        return y.view(T, B, *y.shape[1:])
 
 
 class SpikformerBlock(nn.Module):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import spikeops.nn as snn
 from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_img_size, time_major_images
 from spikeops.models.registry import register_model
 
@@ -28,7 +29,7 @@ class SpikingPatchSplitting(nn.Module):
         self.stages = nn.ModuleList(
             ConvBNLIF2d(widths[i], widths[i + 1], 3, 1, 1, spikes_in=i > 0, backend=backend) for i in range(4))
         self.pool_after = tuple(pool_after)
-        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.pool = (nn.MaxPool2d if backend == "torch" else snn.SpikeMaxPool2d)(kernel_size=3, stride=2, padding=1)
         self.rpe = ConvBNLIF2d(dim, dim, 3, 1, 1, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,5 +17,6 @@ __version__ = "0.1.0"
 __all__ = ["lif", "token_attention", "spike_matmul", "ssa", "pack_spikes", "unpack_spikes", "PackedSpikes", "pack_if_binary", "nn", "convert", "backend", "reference", "memory", "__version__"]
 from spikeops.ops import masked_batch_norm2d, masked_conv2d
 from spikeops.nn.masked import masking
+from spikeops import energy
 
-__all__ += ["masked_conv2d", "masked_batch_norm2d", "masking"]
+__all__ += ["masked_conv2d", "masked_batch_norm2d", "masking", "energy"]

@@ -1,5 +1,5 @@
-"""spikeops.nn.SpikingSelfAttention / SpikingMLP and linear_batch_norm: same math as the unfused
-torch layers + reference ops, less memory for backward."""
+"""spikeops.nn.SpikingSelfAttention / SpikingMLP: same math as the unfused torch layers +
+reference ops, less memory for backward."""
 import copy
 
 import pytest
@@ -9,7 +9,6 @@ from torch import nn
 import spikeops
 from spikeops import reference
 from spikeops.memory import saved_bytes
-from spikeops.nn.linear_bn import linear_batch_norm
 from harness import assert_grads_close
 
 
@@ -79,52 +78,6 @@ def test_mlp_shapes_and_spikes():
     m = spikeops.nn.SpikingMLP(16, 64, 8)
     out = m(spike_input((2, 3, 5, 16)))
     assert out.shape == (2, 3, 5, 8) and reference.is_binary(out)
-
-
-@pytest.mark.parametrize("kind", ["spikes", "integers", "floats"])
-@pytest.mark.parametrize("momentum,track", [(0.1, True), (None, True), (0.1, False)])
-def test_linear_batch_norm_equals_the_two_modules(kind, momentum, track):
-    torch.manual_seed(0)
-    lin, bn = nn.Linear(16, 8), nn.BatchNorm1d(8, momentum=momentum, track_running_stats=track)
-    lin2, bn2 = copy.deepcopy(lin), copy.deepcopy(bn)
-    base = {"spikes": spike_input((4, 3, 5, 16)), "integers": torch.randint(0, 4, (4, 3, 5, 16)).float(),
-            "floats": torch.randn(4, 3, 5, 16)}[kind]
-    for _ in range(2):  # twice: running statistics accumulate the same way
-        x, x2 = base.clone().requires_grad_(), base.clone().requires_grad_()
-        out = linear_batch_norm(x, lin, bn)
-        y = lin2(x2)
-        ref = bn2(y.reshape(-1, 8)).view(y.shape)
-        g = torch.randn(out.shape)
-        out.backward(g)
-        ref.backward(g)
-        assert torch.equal(out, ref) and torch.equal(x.grad, x2.grad)
-        for p, p2 in zip(list(lin.parameters()) + list(bn.parameters()), list(lin2.parameters()) + list(bn2.parameters())):
-            assert torch.equal(p.grad, p2.grad)
-        for b, b2 in zip(bn.buffers(), bn2.buffers()):
-            assert torch.equal(b, b2)
-
-
-def test_linear_batch_norm_in_eval_mode_uses_running_stats():
-    torch.manual_seed(0)
-    lin, bn = nn.Linear(6, 4), nn.BatchNorm1d(4)
-    bn.running_mean.uniform_(-1, 1)
-    bn.running_var.uniform_(0.5, 2)
-    bn.eval()
-    x = torch.randn(3, 5, 6, requires_grad=True)
-    out = linear_batch_norm(x, lin, bn)
-    assert torch.equal(out, bn(lin(x).reshape(-1, 4)).view(3, 5, 4))
-    out.sum().backward()
-    assert x.grad is not None
-
-
-def test_linear_batch_norm_keeps_only_the_packed_input():
-    lin, bn = nn.Linear(64, 256), nn.BatchNorm1d(256)
-    x = spike_input((4, 2, 16, 64)).requires_grad_()
-    unfused = saved_bytes(lambda t: bn(lin(t).reshape(-1, 256)), x)
-    fused = saved_bytes(linear_batch_norm, x, lin, bn)
-    params = sum(p.numel() * 4 for p in (lin.weight, lin.bias, bn.weight)) + 2 * 256 * 4 * 2  # weights, stats
-    assert fused <= x.numel() // 8 + params
-    assert unfused >= x.numel() * 4 + 4 * 2 * 16 * 256 * 4
 
 
 def test_spikformer_block_keeps_at_most_35_percent_of_the_eager_bytes():

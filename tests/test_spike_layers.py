@@ -298,3 +298,28 @@ def test_inference_compiles_with_fullgraph():
     torch._dynamo.reset()
     with torch.no_grad():
         assert torch.equal(torch.compile(ours, fullgraph=True, backend="aot_eager")(x), ref(x))
+
+
+@pytest.mark.parametrize("kind", ["spikes", "integers"])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_spike_max_pool_equals_torch_and_keeps_bits_not_indices(kind, ceil_mode):
+    g = torch.Generator().manual_seed(0)
+    base = (torch.rand(2, 64, 9, 9, generator=g) < 0.3).float()  # many ties: the argmax tie-break matters
+    if kind == "integers":
+        base = base * torch.randint(0, 3, base.shape, generator=g)
+    ours, ref = spikeops.nn.SpikeMaxPool2d(3, 2, 1, ceil_mode=ceil_mode), nn.MaxPool2d(3, 2, 1, ceil_mode=ceil_mode)
+    x, x2 = base.clone().requires_grad_(), base.clone().requires_grad_()
+    out, expected = ours(x), ref(x2)
+    assert torch.equal(out, expected)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(x.grad, x2.grad)
+    kept = saved_bytes(ours, base.clone().requires_grad_())
+    assert kept <= base.numel() // (8 if kind == "spikes" else 1) + 64
+    assert saved_bytes(ref, base.clone().requires_grad_()) >= base.numel() * 4
+
+
+def test_spike_max_pool_rejects_return_indices():
+    with pytest.raises(ValueError, match="return_indices"):
+        spikeops.nn.SpikeMaxPool2d(2, return_indices=True)

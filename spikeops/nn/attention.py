@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from spikeops.nn.lif import LIF
-from spikeops.nn.linear_bn import linear_batch_norm
+from spikeops.nn.spike_layers import SpikeLinear
+from spikeops.ops.batch_norm_lif import batch_norm_lif
 from spikeops.ops.ssa import ssa
 
 LAYOUTS = ("tbnc", "tbcn")
@@ -16,23 +17,22 @@ class SpikeLinearBNLIF(nn.Module):
 
     BatchNorm statistics are shared over T, B and N (BatchNorm1d on the flattened
     ``[T*B*N, C]`` tensor), as in Spikformer. Backward keeps the input compactly (bits for
-    spikes) and recomputes the BatchNorm input (:func:`spikeops.nn.linear_bn.linear_batch_norm`);
-    with ``backend="torch"`` it is the plain ``lif(bn(linear(x)))`` of eager PyTorch.
+    spikes, :class:`SpikeLinear`) and one float per output neuron and step
+    (:func:`spikeops.ops.batch_norm_lif.batch_norm_lif`); with ``backend="torch"`` it is the
+    plain ``lif(bn(linear(x)))`` of eager PyTorch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tau: float = 2.0,
                  v_threshold: float = 1.0, backend: str = "auto"):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.linear = (nn.Linear if backend == "torch" else SpikeLinear)(in_features, out_features, bias=bias)
         self.bn = nn.BatchNorm1d(out_features)
         self.lif = LIF(tau=tau, v_threshold=v_threshold, detach_reset=True, backend=backend)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "torch":
-            y = self.linear(x)
-            return self.lif(self.bn(y.reshape(-1, y.shape[-1])).view(y.shape))
-        return self.lif(linear_batch_norm(x, self.linear, self.bn))
+        y = self.linear(x)
+        return batch_norm_lif(y.reshape(-1, y.shape[-1]), self.bn, self.lif, y.shape[0]).view(y.shape)
 
 
 class SpikingSelfAttention(nn.Module):

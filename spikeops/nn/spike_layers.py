@@ -164,3 +164,50 @@ class SpikeConv2d(_SpikeConvNd, nn.Conv2d):
     Shapes: input ``[N, C_in, H, W]`` or ``[C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``
     or ``[C_out, H_out, W_out]``.
     """
+
+
+class _CompactMaxPool2d(torch.autograd.Function):
+    """``max_pool2d`` saving its input compactly; backward recomputes the argmax indices from
+    it (same kernel, same tie-break: the first maximum in the window) instead of keeping the
+    int64 indices (8 bytes per output) and the fp32 input."""
+
+    @staticmethod
+    def forward(ctx, x, args):
+        ctx.args = args
+        saved, ctx.meta = compact(x, 1)
+        ctx.save_for_backward(saved)
+        return torch.ops.aten.max_pool2d(x, *args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (saved,) = ctx.saved_tensors
+        x = restore(saved, ctx.meta)
+        _, indices = torch.ops.aten.max_pool2d_with_indices(x, *ctx.args)
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.args, indices), None
+
+
+class SpikeMaxPool2d(nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` that saves its (spike) input as bits / uint8 for backward and
+    recomputes the argmax there: same outputs and gradients. ``return_indices`` is not supported.
+
+    Shapes: input ``[N, C, H, W]`` -> ``[N, C, H_out, W_out]``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.return_indices:
+            raise ValueError("SpikeMaxPool2d: return_indices=True is not supported; use nn.MaxPool2d")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _needs_grad(input) or input.dim() != 4:
+            return super().forward(input)
+        pair = nn.modules.utils._pair
+        args = (pair(self.kernel_size), pair(self.stride if self.stride is not None else self.kernel_size),
+                pair(self.padding), pair(self.dilation), bool(self.ceil_mode))
+        return _compiler_disabled_pool(input, args)
+
+
+@torch.compiler.disable(reason="spikeops: the saved form of the input depends on its values")
+def _compiler_disabled_pool(x, args):
+    return _CompactMaxPool2d.apply(x, args)

@@ -17,6 +17,7 @@ from torch import nn
 
 from spikeops.nn.lif import LIF
 from spikeops.nn.spike_layers import SpikeConv1d
+from spikeops.ops.batch_norm_lif import batch_norm_lif
 from spikeops.ops.token_attention import token_attention
 
 
@@ -36,8 +37,8 @@ class ConvBNLIF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B = x.shape[:2]
-        y = self.bn(self.conv(x.flatten(0, 1)))
-        return self.lif(y.view(T, B, *y.shape[1:]))
+        y = batch_norm_lif(self.conv(x.flatten(0, 1)), self.bn, self.lif, T)
+        return y.view(T, B, *y.shape[1:])
 
 
 class _TokenAttentionBlock(nn.Module):

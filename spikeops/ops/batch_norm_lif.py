@@ -1,0 +1,89 @@
+r"""BatchNorm followed by a LIF neuron that keeps one float per neuron for backward: ``batch_norm_lif``.
+
+``S = LIF(BN(Y))`` where ``Y`` is ``[T*B, C, ...]`` (BatchNorm over every position but the channel
+dim 1, statistics shared across time steps) or ``[T*B*N, C]``; the LIF runs over the leading T.
+
+Unfused, autograd keeps BatchNorm's input ``Y`` (fp32) *and* the neuron's membrane state
+``H`` (fp32): 8 bytes per neuron per step. Here only ``Y`` is kept. Backward recomputes
+``Z = BN(Y)`` with the same aten kernel and the same batch statistics (bit-identical to the
+forward's ``Z``), reruns the LIF forward kernel on it to get ``H``, and then runs the LIF and
+BatchNorm backward kernels, so the gradients are those of the two layers called in turn. The
+extra work is one elementwise BatchNorm pass and one LIF forward pass: no matmul or conv.
+
+Running statistics are updated exactly as ``nn.BatchNorm*d`` updates them (momentum, or the
+cumulative average for ``momentum=None``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from spikeops import backend as _backend
+from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
+
+
+class _BatchNormLIF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, training, momentum, eps, T, lif_args, backend):
+        z, mean, invstd = torch.ops.aten.native_batch_norm(y, weight, bias, running_mean, running_var, training,
+                                                           momentum, eps)
+        spikes, _ = _lif_forward(z.view(T, -1), *lif_args, False, False, backend)
+        stats = (None, None) if training else (running_mean.clone(), running_var.clone())
+        ctx.save_for_backward(y, weight, bias, mean, invstd, *stats)
+        ctx.training, ctx.eps, ctx.T, ctx.lif_args, ctx.backend = training, eps, T, lif_args, backend
+        return spikes.view(y.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_spikes):
+        y, weight, bias, mean, invstd, running_mean, running_var = ctx.saved_tensors
+        # the forward's BN output, bit for bit: same kernel, same input, same statistics source
+        z = torch.ops.aten.native_batch_norm(y, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps)[0]
+        args = ctx.lif_args
+        _, h = _lif_forward(z.view(ctx.T, -1), *args, True, False, ctx.backend)
+        grad_z = _lif_backward(grad_spikes.contiguous().view(ctx.T, -1), h, *args, ctx.backend)
+        needs = ctx.needs_input_grad
+        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_z.view(y.shape), y, weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps,
+            [needs[0], needs[1], needs[2]])
+        return grad_y, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn.Module, T: int) -> torch.Tensor:
+    """``lif(bn(y).view(T, ...)).view(y.shape)`` keeping only ``y`` for backward (see module doc).
+
+    Args:
+        y: ``[T*B, C, ...]`` or ``[T*B*N, C]`` (time-major: the first T-th of the rows is t = 0).
+        bn: the ``nn.BatchNorm1d``/``2d`` whose parameters and running statistics are used/updated.
+        lif: a :class:`spikeops.nn.LIF` (its settings; fp32 state only).
+        T: time steps.
+
+    Returns spikes shaped like ``y``. Falls back to the two modules called in turn when the fused
+    path does not apply (no grad needed, autocast, the "torch" backend, float64, bf16 state, or a
+    BatchNorm subclass such as :class:`spikeops.nn.MaskedBatchNorm2d` whose forward differs).
+    """
+    if T < 1 or y.dim() < 2 or y.shape[0] % T:
+        raise ValueError(f"batch_norm_lif: y must be [T*B, C, ...] with T={T} dividing its first dim, got {tuple(y.shape)}")
+    needs_grad = torch.is_grad_enabled() and (y.requires_grad or (bn.weight is not None and bn.weight.requires_grad))
+    chosen = _backend.resolve(y, lif.backend)
+    plain_bn = type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # e.g. not MaskedBatchNorm2d
+    if not needs_grad or not plain_bn or chosen == "torch" or torch.is_autocast_enabled(y.device.type) or \
+            lif.state_dtype != torch.float32 or y.dtype != torch.float32 or not y.is_contiguous():
+        z = bn(y)
+        return lif(z.view(T, z.shape[0] // T, *z.shape[1:])).view(z.shape)
+    factor = 0.0 if bn.momentum is None else bn.momentum  # nn.BatchNorm's bookkeeping
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or bn.running_mean is None
+    use_stats = not bn.training or bn.track_running_stats
+    lif_args = (lif.tau, lif.v_threshold, 0.0 if lif.v_reset is None else lif.v_reset, lif.v_reset is not None,
+                lif.decay_input, lif.detach_reset, SURROGATE_IDS[lif.surrogate], lif.alpha)
+    return _compiler_disabled_apply(y, bn.weight, bn.bias, bn.running_mean if use_stats else None,
+                                    bn.running_var if use_stats else None, training, factor, bn.eps, T, lif_args, chosen)
+
+
+@torch.compiler.disable(reason="spikeops: fused BatchNorm+LIF autograd function")
+def _compiler_disabled_apply(*args):
+    return _BatchNormLIF.apply(*args)

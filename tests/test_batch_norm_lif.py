@@ -1,0 +1,84 @@
+"""batch_norm_lif: LIF(BN(y)) keeping only y for backward, equal to the two modules in turn."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import spikeops
+from spikeops.memory import saved_bytes
+from spikeops.ops.batch_norm_lif import batch_norm_lif
+from harness import KERNEL_BACKENDS
+
+
+def inputs(kind, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bn1d":
+        return torch.randn(shape, generator=g) * 2 + 0.5
+    return torch.randn(shape, generator=g) * 2 + 0.5
+
+
+def modules(kind, channels, backend, **bn_kwargs):
+    torch.manual_seed(0)
+    bn = (nn.BatchNorm1d if kind == "bn1d" else nn.BatchNorm2d)(channels, **bn_kwargs)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+    return bn, spikeops.nn.LIF(tau=2.0, detach_reset=True, backend=backend)
+
+
+SHAPES = {"bn1d": (4 * 2 * 5, 8), "bn2d": (4 * 2, 6, 5, 3)}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", ["bn1d", "bn2d"])
+@pytest.mark.parametrize("momentum,track", [(0.1, True), (None, True), (0.1, False)])
+def test_fused_equals_batch_norm_then_lif(backend, kind, momentum, track):
+    bn, lif = modules(kind, SHAPES[kind][1], backend, momentum=momentum, track_running_stats=track)
+    bn2, lif2 = copy.deepcopy(bn), spikeops.nn.LIF(tau=2.0, detach_reset=True, backend="torch")
+    for step in range(2):  # twice: running statistics accumulate the same way
+        base = inputs(kind, SHAPES[kind], seed=step)
+        y, y2 = base.clone().requires_grad_(), base.clone().requires_grad_()
+        out = batch_norm_lif(y, bn, lif, T=4)
+        z = bn2(y2)
+        ref = lif2(z.view(4, -1, *z.shape[1:])).view(z.shape)
+        assert torch.equal(out, ref) and 0 < out.sum() < out.numel()
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+        out.backward(g)
+        ref.backward(g)
+        scale = y2.grad.abs().max()
+        torch.testing.assert_close(y.grad, y2.grad, rtol=1e-5, atol=1e-6 * scale)
+        for p, p2 in zip(bn.parameters(), bn2.parameters()):
+            torch.testing.assert_close(p.grad, p2.grad, rtol=1e-5, atol=1e-6 * p2.grad.abs().max())
+        for b, b2 in zip(bn.buffers(), bn2.buffers()):
+            assert torch.equal(b, b2)
+
+
+def test_eval_mode_uses_the_running_statistics_in_forward_and_backward():
+    bn, lif = modules("bn2d", 6, "auto")
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    bn2, lif2 = copy.deepcopy(bn), spikeops.nn.LIF(backend="torch")
+    y = inputs("bn2d", SHAPES["bn2d"]).requires_grad_()
+    y2 = y.detach().clone().requires_grad_()
+    out = batch_norm_lif(y, bn, lif, T=4)
+    ref = lif2(bn2(y2).view(4, 2, 6, 5, 3)).view(8, 6, 5, 3)
+    assert torch.equal(out, ref)
+    bn.running_mean.zero_()  # a later change of the buffers does not change this backward
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(y.grad, y2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_keeps_one_float_per_neuron_instead_of_two():
+    bn, lif = modules("bn2d", 16, "auto")
+    y = torch.randn(4 * 2, 16, 8, 8, requires_grad=True)
+    fused = saved_bytes(lambda t: batch_norm_lif(t, bn, lif, 4), y)
+    unfused = saved_bytes(lambda t: lif(bn(t).view(4, 2, 16, 8, 8)), y)
+    assert fused <= y.numel() * 4 + 4096
+    assert unfused >= 2 * y.numel() * 4
+
+
+def test_time_steps_must_divide_the_rows():
+    bn, lif = modules("bn1d", 8, "auto")
+    with pytest.raises(ValueError, match="T=3"):
+        batch_norm_lif(torch.randn(10, 8), bn, lif, T=3)
