@@ -75,10 +75,15 @@ def time_major_images(x: torch.Tensor, T: int, in_channels: int, grid: int, wher
     Raises ``ValueError`` for a wrong rank, channel count, or H/W not divisible by ``grid``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: x must be a tensor [B, C, H, W] or [T, B, C, H, W], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: x must be a floating-point tensor (images scaled to floats), got {x.dtype}; "
+                        "convert it with x.float() / 255")
     if x.dim() == 4:
         x = x.unsqueeze(0).expand(T, *x.shape)
     elif x.dim() != 5:
         raise ValueError(f"{where}: x must be [B, C, H, W] images or [T, B, C, H, W] frames, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{where}: x must have at least one time step and one sample, got shape {tuple(x.shape)}")
     if x.shape[2] != in_channels:
         raise ValueError(f"{where}: x has {x.shape[2]} channels, the model was built with in_channels={in_channels}")
     if x.shape[-1] % grid or x.shape[-2] % grid:
@@ -86,7 +91,9 @@ def time_major_images(x: torch.Tensor, T: int, in_channels: int, grid: int, wher
     return x
 
 
-def check_img_size(img_size: int, grid: int, where: str) -> None:
-    """Raise ``ValueError`` unless ``img_size`` is a positive multiple of ``grid``."""
+def check_config(img_size: int, grid: int, T: int, where: str) -> None:
+    """Raise ``ValueError`` unless ``img_size`` is a positive multiple of ``grid`` and ``T >= 1``."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"{where}: T (time steps) must be a positive int, got {T!r}")
     if img_size <= 0 or img_size % grid:
         raise ValueError(f"{where}: img_size={img_size} must be a positive multiple of {grid} (the patch grid)")

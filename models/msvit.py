@@ -56,7 +56,9 @@ from torch import nn
 from torch.nn.init import trunc_normal_
 
 import spikeops.nn as snn
+from spikeops.models.layers import conv2d, time_major_images
 from spikeops.models.registry import register_model
+from spikeops.ops.batch_norm_lif import batch_norm_lif
 
 __all__ = ["MSViT", "QKFormer", "HierarchicalSpikingTransformer"]
 
@@ -73,14 +75,6 @@ def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return size
 
 
-def _conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int, spikes_in: bool,
-            backend: str) -> nn.Conv2d:
-    """A bias-free Conv2d: :class:`spikeops.nn.SpikeConv2d` (saves its spike input compactly)
-    when the input is spikes and ``backend != "torch"``, else a plain ``nn.Conv2d``."""
-    cls = snn.SpikeConv2d if spikes_in and backend != "torch" else nn.Conv2d
-    return cls(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
-
-
 class ConvBNPoolLIF(nn.Module):
     """``LIF(pool(BN(conv2d(x))))``: ``[T, B, C_in, H, W]`` -> spikes ``[T, B, C_out, H', W']``.
 
@@ -92,16 +86,18 @@ class ConvBNPoolLIF(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  pool: bool = False, spikes_in: bool = True, backend: str = "auto"):
         super().__init__()
-        self.conv = _conv2d(in_channels, out_channels, kernel_size, stride, spikes_in, backend)
+        self.conv = conv2d(backend, in_channels, out_channels, kernel_size, stride, kernel_size // 2, spikes_in=spikes_in)
         self.bn = nn.BatchNorm2d(out_channels)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else None
         self.lif = snn.LIF(tau=2.0, v_threshold=1.0, detach_reset=True, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B = x.shape[:2]
-        y = self.bn(self.conv(x.flatten(0, 1)))
-        if self.pool is not None:
-            y = self.pool(y)
+        y = self.conv(x.flatten(0, 1))
+        if self.pool is None:
+            y = batch_norm_lif(y, self.bn, self.lif, T)
+            return y.view(T, B, *y.shape[1:])
+        y = self.pool(self.bn(y))
         return self.lif(y.view(T, B, *y.shape[1:]))
 
 
@@ -265,25 +261,6 @@ class HierarchicalSpikingTransformer(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def _time_major(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` -> ``[T, B, C, H, W]`` (repeated); ``[T', B, C, H, W]`` as is; checks."""
-        name = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: x must be a tensor [B, C, H, W] or [T, B, C, H, W], got {type(x).__name__}")
-        if x.dim() == 4:
-            x = x.unsqueeze(0).expand(self.T, *x.shape)
-        elif x.dim() != 5:
-            raise ValueError(f"{name}: x must be images [B, C, H, W] or frames [T, B, C, H, W], "
-                             f"got shape {tuple(x.shape)}")
-        if x.shape[2] != self.in_channels:
-            raise ValueError(f"{name}: x has {x.shape[2]} channels but the model was built with "
-                             f"in_channels={self.in_channels}")
-        H, W = x.shape[-2:]
-        if H == 0 or W == 0 or H % self.patch_grid or W % self.patch_grid:
-            raise ValueError(f"{name}: image size {(H, W)} must be a positive multiple of {self.patch_grid} "
-                             f"(the patch grid; the model was built with img_size={self.img_size})")
-        return x
-
     @staticmethod
     def _token_stage(x: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
         """Token-attention blocks on ``[T, B, C, h, w]`` (as tokens ``[T, B, C, h*w]``) -> same shape."""
@@ -295,7 +272,7 @@ class HierarchicalSpikingTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images / frames (as :meth:`forward`) -> stage-3 tokens ``[T, B, N, D]`` (N = H*W/grid^2)."""
-        x = self.patch_embed1(self._time_major(x))  # [T, B, w1, h, w]
+        x = self.patch_embed1(time_major_images(x, self.T, self.in_channels, self.patch_grid, type(self).__name__))  # [T, B, w1, h, w]
         x = self._token_stage(x, self.stage1)
         x = self._token_stage(self.patch_embed2(x), self.stage2)  # [T, B, w2, h/2, w/2]
         x = self.patch_embed3(x)  # [T, B, D, h/4, w/4]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import spikeops.nn as snn
-from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_img_size, time_major_images
+from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_config, time_major_images
 from spikeops.models.registry import register_model
 
 
@@ -61,7 +61,7 @@ class Spikformer(nn.Module):
         if dim % 8 or dim % num_heads:
             raise ValueError(f"Spikformer: dim={dim} must be divisible by 8 and by num_heads={num_heads}")
         self.grid = 2 ** len(pool_after)
-        check_img_size(img_size, self.grid, "Spikformer")
+        check_config(img_size, self.grid, T, "Spikformer")
         self.T, self.in_channels, self.img_size, self.backend = T, in_channels, img_size, backend
         self.patch_embed = SpikingPatchSplitting(in_channels, dim, pool_after, backend)
         self.blocks = nn.ModuleList(

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_img_size, time_major_images
+from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_config, time_major_images
 from spikeops.models.registry import register_model
 
 
@@ -56,7 +56,7 @@ class SpikformerV2(nn.Module):
         super().__init__()
         if dim % 8 or dim % num_heads:
             raise ValueError(f"SpikformerV2: dim={dim} must be divisible by 8 and by num_heads={num_heads}")
-        check_img_size(img_size, self.grid, "SpikformerV2")
+        check_config(img_size, self.grid, T, "SpikformerV2")
         self.dim, self.T, self.in_channels, self.img_size, self.backend = dim, T, in_channels, img_size, backend
         self.stem = SpikingConvStem(in_channels, dim, backend=backend)
         self.blocks = nn.ModuleList(

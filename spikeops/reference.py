@@ -196,9 +196,10 @@ def masked_conv2d_reference(
     padding=0,
 ) -> torch.Tensor:
     """Dense ``conv2d(x, weight, bias, stride, padding)`` times the mask upsampled to the output:
-    masked output positions are exactly 0 (SparK's ``SparseConv2d``)."""
+    masked output positions are exactly 0 (SparK's ``SparseConv2d``), even for non-finite x."""
     out = torch.nn.functional.conv2d(x, weight, bias, stride, padding)
-    return out * upsample_mask(mask, out.shape[0], out.shape[-2:]).to(out.dtype)
+    visible = upsample_mask(mask, out.shape[0], out.shape[-2:])
+    return torch.where(visible, out, torch.zeros((), dtype=out.dtype, device=out.device))  # 0, also where out is NaN
 
 
 def masked_batch_norm2d_reference(

@@ -277,19 +277,25 @@ def spiking_block(linear, conv):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_model_matches_eager_with_a_graph_break_per_layer(compiler):
-    # fullgraph=True does not compile these layers in training: the saved form depends on the
-    # input's values, so each layer is one graph break (torch.compiler.disable) and runs eagerly.
+def test_compiled_model_matches_eager_without_graph_breaks(compiler):
+    # under torch.compile the layers run their torch parent's forward (the compact saved form
+    # depends on the input's values, which a graph cannot branch on): fullgraph=True compiles
+    # training, with the same outputs and gradients and the standard memory
     ref, ours = spiking_block(nn.Linear, nn.Conv2d), spiking_block(SpikeLinear, SpikeConv2d)
     x = make_input("spikes", (3, 4, 6, 6))
     ref_out = ref(x)
     ref_out.sum().backward()
     torch._dynamo.reset()
-    out = torch.compile(ours, fullgraph=False, backend=compiler)(x)
+    out = torch.compile(ours, fullgraph=True, backend=compiler)(x)
     out.sum().backward()
-    assert torch.equal(out, ref_out)
-    for a, e in zip(ours.parameters(), ref.parameters()):
-        assert torch.equal(a.grad, e.grad)
+    if compiler == "aot_eager":  # the same aten kernels: bit for bit
+        assert torch.equal(out, ref_out)
+        for a, e in zip(ours.parameters(), ref.parameters()):
+            assert torch.equal(a.grad, e.grad)
+    else:  # inductor generates its own kernels: spikes may flip only within rounding of the threshold
+        assert (out != ref_out).float().mean() < 0.01
+        for a, e in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-4 * e.grad.abs().max().item())
 
 
 def test_inference_compiles_with_fullgraph():

@@ -24,10 +24,11 @@ static inline __attribute__((always_inline)) bool lif_fire(float h, LifConsts c)
   return (h - c.v_threshold) >= 0.0f;
 }
 
-// hard: V = fire ? r : H;  soft: V = fire ? H - v_threshold : H
+// hard: V = fire ? r + 0 * H : H;  soft: V = fire ? H - v_threshold : H
+// (the reference's S r + (1 - S) H: "r + 0 * H" is r for finite H and NaN for H = +Inf, as there)
 template <bool kHard>
 static inline __attribute__((always_inline)) float lif_reset(float h, bool fire, LifConsts c) {
-  return kHard ? (fire ? c.v_reset : h) : (fire ? h - c.v_threshold : h);
+  return kHard ? (fire ? c.v_reset + 0.0f * h : h) : (fire ? h - c.v_threshold : h);
 }
 
 // Surrogate dS/dH at d = H - v_threshold.

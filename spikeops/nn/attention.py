@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spikeops._validation import check_finite, check_float_tensor, check_tau, check_time_major
 from spikeops.nn.lif import LIF
 from spikeops.nn.spike_layers import SpikeLinear
 from spikeops.ops.batch_norm_lif import batch_norm_lif
@@ -58,6 +59,8 @@ class SpikingSelfAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a positive divisor of dim ({dim})")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        scale, tau = check_finite("scale", scale), check_tau(tau)
+        attn_v_threshold = check_finite("attn_v_threshold", attn_v_threshold)
         self.dim, self.num_heads, self.scale, self.layout = dim, num_heads, float(scale), layout
         self.attn_v_threshold, self.tau, self.backend = float(attn_v_threshold), float(tau), backend
         self.q = SpikeLinearBNLIF(dim, dim, bias=qkv_bias, tau=tau, backend=backend)
@@ -67,8 +70,10 @@ class SpikingSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: spikes ``[T, B, N, C]`` (``[T, B, C, N]`` for layout "tbcn") -> spikes, same shape."""
+        check_float_tensor("x", x)
         if x.dim() != 4:
             raise ValueError(f"x must be 4-d ({'[T, B, N, C]' if self.layout == 'tbnc' else '[T, B, C, N]'}), got {tuple(x.shape)}")
+        check_time_major("x", x)
         if self.layout == "tbcn":
             x = x.transpose(2, 3)
         T, B, N, C = x.shape
@@ -91,8 +96,17 @@ class SpikingMLP(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         out_features = out_features or in_features
+        for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
+                            ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.in_features = in_features
         self.fc1 = SpikeLinearBNLIF(in_features, hidden_features, bias=True, tau=tau, backend=backend)
         self.fc2 = SpikeLinearBNLIF(hidden_features, out_features, bias=True, tau=tau, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float_tensor("x", x)
+        if x.dim() != 4 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [T, B, N, C={self.in_features}], got shape {tuple(x.shape)}")
+        check_time_major("x", x)
         return self.fc2(self.fc1(x))

@@ -9,9 +9,10 @@ same torch kernels the parent's autograd runs, so fp32 gradients are bitwise equ
 
 Without grad (inference, or no tensor requiring grad) the parent's forward runs untouched.
 Under autocast the inputs are cast as autocast casts them for ``linear``/``conv``. Double
-backward is not supported. Under ``torch.compile`` the layer is a graph break (the saved form
-depends on the values; one clean break per layer, the rest of the model compiles), so
-``fullgraph=True`` does not compile a model that uses it.
+backward is not supported. Under ``torch.compile`` (``torch.compiler.is_compiling()``) the
+parent's forward runs too: the compact saved form depends on the input's values, which a graph
+cannot branch on, so a compiled layer has no graph break (``fullgraph=True`` works) and the same
+outputs and gradients, but the standard memory (autograd keeps the input as it is).
 """
 from __future__ import annotations
 
@@ -94,6 +95,18 @@ def _autocast_inputs(*tensors):
                  for t in tensors)
 
 
+def _check_input(layer, input, channel_dim: int, expected: int, what: str) -> None:
+    """TypeError / ValueError naming ``input`` (torch's own errors name mat1/mat2 or nothing)."""
+    name = type(layer).__name__
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"{name}: input must be a floating tensor (the layer's weight is), got {input.dtype}")
+    if input.dim() < -channel_dim or input.shape[channel_dim] != expected:
+        raise ValueError(f"{name}: input must have {what}={expected} channels at dim {channel_dim}, "
+                         f"got shape {tuple(input.shape)}")
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -107,25 +120,32 @@ def _apply(op, x, weight, bias):
 
 
 class SpikeLinear(nn.Linear):
-    """:class:`torch.nn.Linear` that saves its input as bits / uint8 when it can (see module doc).
+    """:class:`torch.nn.Linear` that saves its input as bits / uint8 when it can (see module doc);
+    under ``torch.compile`` it is plain ``nn.Linear`` (no graph break, standard memory).
 
     Shapes: input ``[*, in_features]`` (e.g. ``[T, B, N, C]``) -> output ``[*, out_features]``.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _needs_grad(input, self.weight, self.bias):
+        _check_input(self, input, -1, self.in_features, "in_features")
+        if not _needs_grad(input, self.weight, self.bias) or torch.compiler.is_compiling():
             return super().forward(input)
         return _apply(_LinearOp(), input, self.weight, self.bias)
 
 
 class _SpikeConvNd:
     """The ``_conv_forward`` of :class:`SpikeConv1d`/:class:`SpikeConv2d`: torch's, with the
-    convolution itself routed through :class:`_CompactInputFunction`."""
+    convolution itself routed through :class:`_CompactInputFunction` (torch's own under
+    ``torch.compile``: no graph break, standard memory)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if not _needs_grad(input, weight, bias):
-            return super()._conv_forward(input, weight, bias)
         nd = weight.dim() - 2
+        if input.dim() not in (nd + 1, nd + 2):
+            raise ValueError(f"{type(self).__name__}: input must be {nd + 1}-d (unbatched) or {nd + 2}-d "
+                             f"[N, C_in, ...], got shape {tuple(input.shape)}")
+        _check_input(self, input, -nd - 1, self.in_channels, "in_channels")
+        if not _needs_grad(input, weight, bias) or torch.compiler.is_compiling():
+            return super()._conv_forward(input, weight, bias)
         unbatched = input.dim() == nd + 1
         x = input.unsqueeze(0) if unbatched else input
         x, padding = self._explicit_padding(x, weight)
@@ -190,6 +210,7 @@ class _CompactMaxPool2d(torch.autograd.Function):
 class SpikeMaxPool2d(nn.MaxPool2d):
     """:class:`torch.nn.MaxPool2d` that saves its (spike) input as bits / uint8 for backward and
     recomputes the argmax there: same outputs and gradients. ``return_indices`` is not supported.
+    Under ``torch.compile`` it is plain ``nn.MaxPool2d`` (no graph break, standard memory).
 
     Shapes: input ``[N, C, H, W]`` -> ``[N, C, H_out, W_out]``.
     """
@@ -200,7 +221,12 @@ class SpikeMaxPool2d(nn.MaxPool2d):
             raise ValueError("SpikeMaxPool2d: return_indices=True is not supported; use nn.MaxPool2d")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _needs_grad(input) or input.dim() != 4:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"SpikeMaxPool2d: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (3, 4):
+            raise ValueError(f"SpikeMaxPool2d: input must be 3-d [C, H, W] or 4-d [N, C, H, W], got shape "
+                             f"{tuple(input.shape)}")
+        if not _needs_grad(input) or input.dim() != 4 or torch.compiler.is_compiling():
             return super().forward(input)
         pair = nn.modules.utils._pair
         args = (pair(self.kernel_size), pair(self.stride if self.stride is not None else self.kernel_size),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spikeops._validation import check_finite, check_float_tensor, check_tau, check_time_major
 from spikeops.nn.lif import LIF
 from spikeops.nn.spike_layers import SpikeConv1d
 from spikeops.ops.batch_norm_lif import batch_norm_lif
@@ -46,6 +47,7 @@ class _TokenAttentionBlock(nn.Module):
         super().__init__()
         if num_heads <= 0 or dim % num_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive divisor of dim ({dim})")
+        attn_v_threshold, tau = check_finite("attn_v_threshold", attn_v_threshold), check_tau(tau)
         self.dim, self.num_heads, self.attn_v_threshold = dim, num_heads, float(attn_v_threshold)
         self.tau, self.backend = float(tau), backend
         self.q = ConvBNLIF(dim, dim, 1, tau=tau, backend=backend)
@@ -55,8 +57,10 @@ class _TokenAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: spikes ``[T, B, C, N]`` -> spikes ``[T, B, C, N]``."""
+        check_float_tensor("x", x)
         if x.dim() != 4 or x.shape[2] != self.dim:
             raise ValueError(f"x must be [T, B, C={self.dim}, N], got shape {tuple(x.shape)}")
+        check_time_major("x", x)
         T, B, C, N = x.shape
 
         def heads(t):  # [T, B, C, N] -> [T, B, H, N, d]
@@ -86,6 +90,7 @@ class MultiScaleSpikingAttention(_TokenAttentionBlock):
 
     def __init__(self, dim: int, num_heads: int, attn_v_threshold: float = 0.5, p_kernel_size: int = 3,
                  tau: float = 2.0, backend: str = "auto"):
-        if p_kernel_size < 1 or p_kernel_size % 2 == 0:
+        if isinstance(p_kernel_size, bool) or not isinstance(p_kernel_size, int) or p_kernel_size < 1 or \
+                p_kernel_size % 2 == 0:
             raise ValueError(f"p_kernel_size must be a positive odd number, got {p_kernel_size}")
         super().__init__(dim, num_heads, attn_v_threshold, p_kernel_size, tau, backend)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from spikeops import backend as _backend
+from spikeops._validation import check_float_tensor
 from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
 
 
@@ -56,19 +57,34 @@ def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn
     Args:
         y: ``[T*B, C, ...]`` or ``[T*B*N, C]`` (time-major: the first T-th of the rows is t = 0).
         bn: the ``nn.BatchNorm1d``/``2d`` whose parameters and running statistics are used/updated.
-        lif: a :class:`spikeops.nn.LIF` (its settings; fp32 state only).
+        lif: a :class:`spikeops.nn.LIF` (its settings; fp32 state only); any other neuron module
+            (e.g. SpikingJelly's LIFNode) is called as is.
         T: time steps.
 
     Returns spikes shaped like ``y``. Falls back to the two modules called in turn when the fused
     path does not apply (no grad needed, autocast, the "torch" backend, float64, bf16 state, or a
     BatchNorm subclass such as :class:`spikeops.nn.MaskedBatchNorm2d` whose forward differs).
+    Under ``torch.compile`` it is always ``lif(bn(y))`` (no graph break, same results, but the
+    standard memory: autograd keeps the BN input and the neuron's state).
     """
+    check_float_tensor("y", y)
+    if isinstance(T, bool) or not isinstance(T, (int, torch.SymInt)):
+        raise TypeError(f"batch_norm_lif: T must be an int (time steps), got {type(T).__name__}")
     if T < 1 or y.dim() < 2 or y.shape[0] % T:
         raise ValueError(f"batch_norm_lif: y must be [T*B, C, ...] with T={T} dividing its first dim, got {tuple(y.shape)}")
+    if y.numel() == 0:
+        raise ValueError(f"batch_norm_lif: y is empty (shape {tuple(y.shape)}); every dimension must be >= 1")
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and y.shape[1] != bn.num_features:
+        # checked here: the fused path calls aten's kernel directly, which does not check it
+        raise ValueError(f"batch_norm_lif: y has C={y.shape[1]} channels (dim 1) but bn has "
+                         f"num_features={bn.num_features}")
+    from spikeops.nn.lif import LIF  # the module holds the neuron's settings
+
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or (bn.weight is not None and bn.weight.requires_grad))
-    chosen = _backend.resolve(y, lif.backend)
+    chosen = _backend.resolve(y, lif.backend) if isinstance(lif, LIF) else "torch"  # e.g. a SpikingJelly LIFNode
     plain_bn = type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # e.g. not MaskedBatchNorm2d
-    if not needs_grad or not plain_bn or chosen == "torch" or torch.is_autocast_enabled(y.device.type) or \
+    if not needs_grad or not plain_bn or chosen == "torch" or torch.compiler.is_compiling() or \
+            torch.is_autocast_enabled(y.device.type) or \
             lif.state_dtype != torch.float32 or y.dtype != torch.float32 or not y.is_contiguous():
         z = bn(y)
         return lif(z.view(T, z.shape[0] // T, *z.shape[1:])).view(z.shape)

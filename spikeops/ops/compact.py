@@ -17,8 +17,8 @@ Use it as::
     saved, meta = compact(x, dim=-1)      # in forward; ctx.save_for_backward(saved, ...)
     x = restore(saved, meta)              # in backward; x's values, dtype, shape and layout
 
-The chosen form depends on the values, so it is picked eagerly (a graph break under
-``torch.compile``).
+The chosen form depends on the values, so it is picked eagerly: the layers that use it
+(:mod:`spikeops.nn.spike_layers`) take their plain PyTorch path under ``torch.compile``.
 """
 from __future__ import annotations
 

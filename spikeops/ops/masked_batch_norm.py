@@ -41,7 +41,7 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_float_tensor
-from spikeops.ops.masked_conv import block_list, check_mask, expand_mask
+from spikeops.ops.masked_conv import block_list, check_mask, expand_mask, pixel_backend
 
 
 def _gather(t, blocks, bh, bw, backend):
@@ -175,6 +175,11 @@ def _check_channel_vector(name: str, t, C: int, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be [C={C}] (x's channels), got shape {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} must be on x's device ({x.device}), got {t.device}")
+    # what torch's BatchNorm kernels accept on every path (aten raises "mixed dtype" otherwise)
+    want = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if t.dtype != want:
+        raise ValueError(f"{name} must be {want} for a {x.dtype} x (BatchNorm parameters and statistics are "
+                         f"kept in fp32, fp64 for fp64 x), got {t.dtype}")
 
 
 def masked_batch_norm2d(
@@ -195,8 +200,8 @@ def masked_batch_norm2d(
     ``[N_m, h, w]``, bool or 0/1, True = visible, cells tiling x's ``H x W``, ``N_m`` dividing N
     (repeated over time steps). In training the batch statistics come from the visible positions
     and ``running_mean``/``running_var`` (if given) are updated in place; otherwise the running
-    statistics are used (and must be given). Weight/bias/running stats are ``[C]`` (any float dtype,
-    computed in fp32). Returns ``[N, C, H, W]`` in x's dtype, differentiable in x, weight, bias.
+    statistics are used (and must be given). Weight/bias/running stats are ``[C]`` float32 (float64
+    for a float64 x), computed in fp32. Returns ``[N, C, H, W]`` in x's dtype, differentiable in x, weight, bias.
     """
     check_float_tensor("x", x)
     if x.dim() != 4 or x.numel() == 0:
@@ -214,7 +219,7 @@ def masked_batch_norm2d(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     mask = check_mask(mask)
     full, _, _ = expand_mask(mask, x, x.shape[2:], "input")
-    chosen = _backend.resolve(x, backend)
+    chosen = pixel_backend(_backend.resolve(x, backend), backend, x.shape[0] * x.shape[2] * x.shape[3], "input")
     if chosen == "torch":
         return reference.masked_batch_norm2d_reference(x, mask, running_mean, running_var, weight, bias, training,
                                                        float(momentum), float(eps))

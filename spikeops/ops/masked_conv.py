@@ -113,6 +113,20 @@ def expand_mask(mask: torch.Tensor, x: torch.Tensor, size, what: str, name: str 
     return mask.contiguous(), H // h, W // w
 
 
+TRITON_MAX_PIXELS = 2**31 - 2**20  # the Triton kernels number the visible pixels in int32
+
+
+def pixel_backend(chosen: str, backend: str, n_pixels: int, what: str) -> str:
+    """``chosen``, or ``"torch"`` instead of ``"triton"`` (auto) / a ValueError (forced) when the
+    ``n_pixels`` = N*H*W pixels of ``what`` could overflow the Triton kernels' int32 pixel index."""
+    if chosen != "triton" or n_pixels <= TRITON_MAX_PIXELS:
+        return chosen
+    if backend == "auto":
+        return "torch"
+    raise ValueError(f"backend='triton' numbers pixels in int32: the {what} has N*H*W={n_pixels} pixels, more than "
+                     f"{TRITON_MAX_PIXELS}; split the batch or use backend='torch'")
+
+
 def block_list(mask: torch.Tensor) -> torch.Tensor:
     """Visible blocks of a bool ``[N, h, w]`` mask: int32 ``[nb, 3]`` (n, by, bx), sorted."""
     return mask.nonzero().to(torch.int32).contiguous()
@@ -244,6 +258,8 @@ def masked_conv2d(
     mask = check_mask(mask)
     full, _, _ = expand_mask(mask, x, (Ho, Wo), "output")
     chosen = _backend.resolve(x, backend)
+    pixels = x.shape[0] * max(Ho * Wo, x.shape[2] * x.shape[3])
+    chosen = pixel_backend(chosen, backend, pixels, "input or output")
     if chosen == "torch":
         return reference.masked_conv2d_reference(x, weight, mask, bias, stride, padding)
     return _forward(x.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None, full,

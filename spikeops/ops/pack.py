@@ -12,7 +12,7 @@ import torch
 
 from spikeops import backend as _backend
 from spikeops import reference
-from spikeops._validation import check_float_tensor
+from spikeops._validation import FLOAT_DTYPES, check_float_tensor
 
 
 class PackedSpikes(NamedTuple):
@@ -107,9 +107,19 @@ def unpack_spikes(packed: PackedSpikes, dtype: torch.dtype = None, backend: str 
     if not isinstance(packed, PackedSpikes):
         raise TypeError(f"packed must be the PackedSpikes returned by pack_spikes, got {type(packed).__name__}")
     dtype = packed.dtype if dtype is None else dtype
-    words, shape, dim = packed.words, packed.shape, packed.dim
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype (float32, float16, bfloat16 or float64), got {dtype!r}")
+    words, shape, dim = packed.words, torch.Size(packed.shape), packed.dim
+    if not isinstance(words, torch.Tensor) or words.dtype != torch.int64:
+        raise TypeError(f"packed.words must be an int64 tensor, got "
+                        f"{words.dtype if isinstance(words, torch.Tensor) else type(words).__name__}")
+    dim = _normalize_dim(dim, len(shape))
     n = shape[dim]
     moved_shape = shape[:dim] + shape[dim + 1:] + (n,)
+    expected = moved_shape[:-1] + (-(-n // 64),)
+    if n < 1 or words.shape != expected:
+        raise ValueError(f"packed.words has shape {tuple(words.shape)}, but packed.shape {tuple(shape)} along dim "
+                         f"{dim} needs {tuple(expected)}: not the words pack_spikes returned for that shape")
     chosen = _backend.resolve(torch.empty(0, dtype=dtype, device=words.device), backend)
     if chosen == "torch":
         flat = reference.unpack_spikes(words, n, dtype)

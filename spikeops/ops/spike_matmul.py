@@ -14,6 +14,8 @@ from spikeops import reference
 from spikeops._validation import check_binary, check_float_tensor
 from spikeops.ops.pack import pack_if_binary
 
+MAX_K = 2**31 - 1  # the counts are int32 (every backend, and the reference)
+MAX_K_TRITON = 2**24  # the Triton kernel accumulates in fp32: integers are exact up to 2^24
 OUT_DTYPES = (torch.int32, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -38,7 +40,9 @@ def spike_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torc
         backend: see :mod:`spikeops.backend`.
 
     Returns:
-        ``[..., M, N]`` counts in ``out_dtype``. Raises ``ValueError`` if a or b is not binary.
+        ``[..., M, N]`` counts in ``out_dtype``. Raises ``ValueError`` if a or b is not binary, or
+        if K exceeds what int32 counts hold (2^31 - 1; 2^24 for ``backend="triton"``, whose fp32
+        accumulation is exact only that far: ``"auto"`` then uses the reference).
     """
     check_float_tensor("a", a)
     check_float_tensor("b", b)
@@ -52,10 +56,22 @@ def spike_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torc
         raise ValueError(f"a and b must be non-empty, got {tuple(a.shape)} and {tuple(b.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    try:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"the batch dims of a {tuple(a.shape[:-2])} and b {tuple(b.shape[:-2])} "
+                         "do not broadcast") from None
+    K = a.shape[-1]
+    if K > MAX_K:
+        raise ValueError(f"a's K={K} is too large: the counts are int32, so K must be <= {MAX_K}")
     a = a.expand(*batch, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:])
     chosen = _backend.resolve(a, backend)
+    if chosen == "triton" and K > MAX_K_TRITON:  # fp32 accumulation: exact counts up to 2^24 only
+        if backend != "auto":
+            raise ValueError(f"backend='triton' counts exactly only for K <= 2^24 (fp32 accumulation), got a's "
+                             f"K={K}; use backend='torch'")
+        chosen = "torch"
     if chosen == "torch":
         check_binary("spike_matmul", (("a", a), ("b", b)))
         return reference.spike_matmul(a, b).to(out_dtype)

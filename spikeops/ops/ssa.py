@@ -23,9 +23,10 @@ from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
 from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
-from spikeops.ops.pack import NOT_BINARY, _unpack
+from spikeops.ops.pack import _unpack
 
 ATTN_SURROGATE, ATTN_ALPHA = "sigmoid", 4.0
+TRITON_MAX_ND = 2**31 - 2**16  # the Triton kernel's offsets inside one (t, head) slice are int32
 
 
 @torch.library.custom_op("spikeops::ssa_forward", mutates_args=())
@@ -35,8 +36,9 @@ def _ssa_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v packed along d [T, BH, N, ceil(d/64)] or empty)."""
     out, qw, kw, vw, binary = _backend.kernel("ssa", "ssa_forward", backend)(q, k, v, scale, v_threshold, tau, save_packed)
-    if not binary:
-        raise ValueError("ssa: q, k and v " + NOT_BINARY.split(": ", 1)[1])
+    if not binary:  # name the culprit (error path only)
+        check_binary("ssa", (("q", q), ("k", k), ("v", v)))
+        raise ValueError("ssa: q, k and v must hold only 0 and 1 (spikes)")
     return out, qw, kw, vw
 
 
@@ -110,6 +112,11 @@ def ssa(
     v_threshold = check_finite("v_threshold", v_threshold)
     tau = check_tau(tau)
     chosen = _backend.resolve(q, backend)
+    if chosen == "triton" and q.shape[-2] * q.shape[-1] > TRITON_MAX_ND:  # its in-head offsets are int32
+        if backend != "auto":
+            raise ValueError(f"backend='triton' needs N*d <= {TRITON_MAX_ND} per head (int32 offsets), got q of "
+                             f"shape {tuple(q.shape)}; use backend='torch'")
+        chosen = "torch"
     if chosen == "torch":
         check_binary("ssa", named)
         return reference.ssa(q, k, v, scale, v_threshold, tau)

@@ -26,7 +26,6 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
-from spikeops.ops.pack import NOT_BINARY
 
 
 @torch.library.custom_op("spikeops::token_attention_forward", mutates_args=())
@@ -37,8 +36,9 @@ def _forward(
     """q, k, p [T, BH, N, d] contiguous -> (out, H [T, BH, N] fp32, k packed [T*BH*N, ceil(d/64)]; empty if not save)."""
     out, h, k_words, binary = _backend.kernel("token_attention", "token_attention_forward", backend)(
         q, k, p, v_threshold, tau, save)
-    if not binary:
-        raise ValueError("token_attention: q, k and p " + NOT_BINARY.split(": ", 1)[1])
+    if not binary:  # name the culprit (error path only)
+        check_binary("token_attention", (("q", q), ("k", k)) + ((("p", p),) if p is not None else ()))
+        raise ValueError("token_attention: q, k and p must hold only 0 and 1 (spikes)")
     return out, h, k_words
 
 

@@ -70,8 +70,8 @@ def _lif_forward_kernel(
             else:
                 tl.store(h_ptr + offs, h, mask=mask)
             h_ptr += N
-        if HARD:
-            v = tl.where(fire, v_reset, h)
+        if HARD:  # the reference's S r + (1 - S) H: NaN (not r) after H = +Inf
+            v = tl.where(fire, v_reset + 0.0 * h, h)
         else:
             v = tl.where(fire, h - v_threshold, h)
         x_ptr += N
