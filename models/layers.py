@@ -86,8 +86,8 @@ def time_major_images(x: torch.Tensor, T: int, in_channels: int, grid: int, wher
         raise ValueError(f"{where}: x must have at least one time step and one sample, got shape {tuple(x.shape)}")
     if x.shape[2] != in_channels:
         raise ValueError(f"{where}: x has {x.shape[2]} channels, the model was built with in_channels={in_channels}")
-    if x.shape[-1] % grid or x.shape[-2] % grid:
-        raise ValueError(f"{where}: image size {tuple(x.shape[-2:])} must be divisible by {grid} (the patch grid)")
+    if x.shape[-1] == 0 or x.shape[-2] == 0 or x.shape[-1] % grid or x.shape[-2] % grid:
+        raise ValueError(f"{where}: image size {tuple(x.shape[-2:])} must be a positive multiple of {grid} (the patch grid)")
     return x
 
 

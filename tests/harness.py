@@ -34,3 +34,28 @@ def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float
     actual, expected = actual.double().cpu(), expected.double().cpu()
     scale = expected.abs().max().item() or 1.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def random_spikes(*shape, seed=0, p=0.4) -> torch.Tensor:
+    """Seeded 0./1. spikes of ``shape`` firing with probability ``p``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) < p).float()
+
+
+def random_currents(*shape, seed=0) -> torch.Tensor:
+    """Seeded input currents ``N(0.7, 1.5^2)``: a LIF neuron fires on a fair share of them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 1.5 + 0.7
+
+
+class Masked(torch.nn.Module):
+    """A masked stem layer run inside ``spikeops.masking`` (the mask is set in forward)."""
+
+    def __init__(self, layer, mask):
+        super().__init__()
+        self.layer, self.mask = layer, mask
+
+    def forward(self, x):
+        import spikeops
+        with spikeops.masking(self.mask):
+            return self.layer(x)

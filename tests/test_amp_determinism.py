@@ -29,29 +29,14 @@ from torch import nn
 import spikeops
 import spikeops.nn as snn
 from spikeops.ops.batch_norm_lif import batch_norm_lif
-from harness import KERNEL_BACKENDS, device_for
+from harness import KERNEL_BACKENDS, Masked, device_for, random_currents, random_spikes
 
 AMP_DTYPES = (torch.float16, torch.bfloat16)
 SPIKE_MISMATCH_BOUND = {torch.float16: 0.01, torch.bfloat16: 0.05}
 REAL_ERROR_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def spikes(*shape, seed=0, p=0.4):
-    return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < p).float()
-
-
-def currents(*shape, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.7
-
-
-class Masked(nn.Module):
-    def __init__(self, layer, mask):
-        super().__init__()
-        self.layer, self.mask = layer, mask
-
-    def forward(self, x):
-        with spikeops.masking(self.mask):
-            return self.layer(x)
+spikes, currents = random_spikes, random_currents
 
 
 def mask(batch=4, size=8):

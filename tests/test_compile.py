@@ -15,29 +15,10 @@ from torch import nn
 import spikeops
 import spikeops.nn as snn
 from spikeops.models import create_model
-from harness import KERNEL_BACKENDS, assert_grads_close, device_for
+from harness import KERNEL_BACKENDS, Masked, assert_grads_close, device_for, random_currents, random_spikes
 
 
-def spikes(*shape, seed=0, p=0.4):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=g) < p).float()
-
-
-def currents(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * 1.5 + 0.7
-
-
-class Masked(nn.Module):
-    """A masked stem layer run inside ``spikeops.masking`` (the mask is set in forward)."""
-
-    def __init__(self, layer, mask):
-        super().__init__()
-        self.layer, self.mask = layer, mask
-
-    def forward(self, x):
-        with spikeops.masking(self.mask):
-            return self.layer(x)
+spikes, currents = random_spikes, random_currents
 
 
 def mask():
