@@ -167,7 +167,7 @@ def chart(results: dict, path) -> None:
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(keys))],
                   [f"{results[k]['model']}\nb{results[k]['batch']} T{results[k]['T']} {results[k]['img']}px" for k in keys],
                   fontsize=8)
-    ax.set_ylabel("ratio (spikeops / baseline)")
+    ax.set_ylabel("speed-up (x) or memory ratio")
     ax.set_title("spikeops training step", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
