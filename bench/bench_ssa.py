@@ -2,9 +2,10 @@
 
 Measured, side by side in one run, for each device (CPU; CUDA when available, the same code on
 CUDA tensors, where ``backend="auto"`` picks Triton), as the median of ``--repeats`` wall-clock
-times in ms (rows marked slow - the eager python loops and everything with a backward - get a
-quarter of the repeats, >= 3; the rows of one table are timed round-robin, see
-:func:`bench.harness.time_interleaved`, so that load from other processes hits them alike):
+times in ms, with the fastest call next to it (rows marked slow - the eager python loops and
+everything with a backward - get a quarter of the repeats, >= 3; the rows of one table are timed
+round-robin, see :func:`bench.harness.time_interleaved`, so that load from other processes hits
+them alike):
 
 * **spike_matmul** (per attention shape): ``spikeops.spike_matmul(a, b)`` (0/1 fp32 in, exact
   int32 out, packing included) vs eager fp32 ``a @ b`` for both association orders of attention,
@@ -149,7 +150,7 @@ def measure(rows: list[Row], args, dev: torch.device) -> dict[str, dict]:
     for r in rows:
         t = times[r.name]
         ok = isinstance(t, list) and t
-        out[r.name] = {"ms": H.median(t) if ok else None, "repeats": reps[r.name],
+        out[r.name] = {"ms": H.median(t) if ok else None, "min_ms": min(t) if ok else None, "repeats": reps[r.name],
                        "error": None if ok else error_string(t) if isinstance(t, BaseException) else "no timings"}
     return out
 
@@ -389,15 +390,15 @@ def print_attention(dev, name: str, entry: dict) -> None:
     fwd, fb = entry["ssa"]["fwd"], entry["ssa"]["fwd_bwd"]
     print("\nssa forward (no grad; eager = fp32 matmuls + attention LIF, th 0.5, scale 0.125):\n")
     print(H.markdown_table(
-        ["implementation", "fwd ms", "/floor", "/spikeops", "spikes differ", "repeats"],
-        [[n, H.fmt(r["ms"], 3), H.fmt(r["over_floor"]), H.fmt(r["over_spikeops"]),
+        ["implementation", "fwd ms", "min ms", "/floor", "/spikeops", "spikes differ", "repeats"],
+        [[n, H.fmt(r["ms"], 3), H.fmt(r["min_ms"], 3), H.fmt(r["over_floor"]), H.fmt(r["over_spikeops"]),
           "-" if r.get("mismatch_vs_spikeops") is None else f"{r['mismatch_vs_spikeops']:.2%}", r["repeats"]]
          for n, r in fwd.items()]))
     print_errors(fwd)
     print("\nssa forward+backward (q, k, v require grad; random grad):\n")
     print(H.markdown_table(
-        ["implementation", "fwd+bwd ms", "/spikeops", "saved MB", "repeats"],
-        [[n, H.fmt(r["ms"], 3), H.fmt(r["over_spikeops"]), H.fmt(r["saved_mb"], 2), r["repeats"]]
+        ["implementation", "fwd+bwd ms", "min ms", "/spikeops", "saved MB", "repeats"],
+        [[n, H.fmt(r["ms"], 3), H.fmt(r["min_ms"], 3), H.fmt(r["over_spikeops"]), H.fmt(r["saved_mb"], 2), r["repeats"]]
          for n, r in fb.items()]))
     print_errors(fb)
 

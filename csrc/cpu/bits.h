@@ -1,6 +1,6 @@
-// Packing 0/1 floats into 64-bit words, shared by pack.cpp and ssa.cpp: compare + movemask,
-// eight values at a time with AVX2 where the CPU has it (checked at run time), else four with
-// SSE2 (baseline x86-64), with a scalar tail (and a scalar path off x86).
+// Packing 0/1 floats into 64-bit words, shared by pack.cpp, ssa.cpp and token_attention.cpp:
+// compare + movemask, eight values at a time with AVX2 where the CPU has it (checked at run
+// time), else four with SSE2 (baseline x86-64), with a scalar tail (and a scalar path off x86).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -38,6 +38,15 @@ inline bool pack_bits_sse2(const float* x, int64_t n, uint64_t* words) {
   return bad;
 }
 
+// Rows of x [rows, n] (row stride n) packed one by one as above, into words [rows, ceil(n/64)];
+// returns true if any value was neither 0 nor 1. pack_rows picks AVX2 at run time.
+inline bool pack_rows_sse2(const float* x, int64_t rows, int64_t n, uint64_t* words) {
+  const int64_t W = (n + 63) / 64;
+  bool bad = false;
+  for (int64_t r = 0; r < rows; ++r) bad |= pack_bits_sse2(x + r * n, n, words + r * W);
+  return bad;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -68,8 +77,61 @@ inline bool pack_bits(const float* x, int64_t n, uint64_t* words) {
   static const bool avx2 = __builtin_cpu_supports("avx2");
   return avx2 ? pack_bits_avx2(x, n, words) : pack_bits_sse2(x, n, words);
 }
+
+// pack_rows with AVX2: 32 compares at a time become 32 bits through two saturating packs, one
+// lane fix-up and one byte movemask; the 0/1 check is one vector per call, OR-ed over the lanes
+// where (x != 0) differs from (x == 1).
+__attribute__((target("avx2"))) inline bool pack_rows_avx2(const float* x, int64_t rows, int64_t n, uint64_t* words) {
+  const int64_t W = (n + 63) / 64;
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256i dword_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  __m256 not_binary = zero;
+  int tail_not_binary = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t m = std::min<int64_t>(64, n - 64 * w);
+      const float* src = x + r * n + 64 * w;
+      uint64_t bits = 0;
+      int64_t j = 0;
+      for (; j + 32 <= m; j += 32) {
+        __m256i nonzero[4];
+        for (int i = 0; i < 4; ++i) {
+          const __m256 v = _mm256_loadu_ps(src + j + 8 * i);
+          const __m256 nz = _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ);
+          not_binary = _mm256_or_ps(not_binary, _mm256_xor_ps(nz, _mm256_cmp_ps(v, one, _CMP_EQ_OQ)));
+          nonzero[i] = _mm256_castps_si256(nz);
+        }
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(nonzero[0], nonzero[1]),
+                                                 _mm256_packs_epi32(nonzero[2], nonzero[3]));
+        const uint32_t mask = _mm256_movemask_epi8(_mm256_permutevar8x32_epi32(bytes, dword_order));
+        bits |= static_cast<uint64_t>(mask) << j;
+      }
+      for (; j + 8 <= m; j += 8) {
+        const __m256 v = _mm256_loadu_ps(src + j);
+        const __m256 nz = _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ);
+        not_binary = _mm256_or_ps(not_binary, _mm256_xor_ps(nz, _mm256_cmp_ps(v, one, _CMP_EQ_OQ)));
+        bits |= static_cast<uint64_t>(_mm256_movemask_ps(nz)) << j;
+      }
+      for (; j < m; ++j) {
+        bits |= static_cast<uint64_t>(src[j] != 0.0f) << j;
+        tail_not_binary |= (src[j] != 0.0f) & (src[j] != 1.0f);
+      }
+      words[r * W + w] = bits;
+    }
+  }
+  return tail_not_binary != 0 || _mm256_movemask_ps(not_binary) != 0;
+}
+
+inline bool pack_rows(const float* x, int64_t rows, int64_t n, uint64_t* words) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2 ? pack_rows_avx2(x, rows, n, words) : pack_rows_sse2(x, rows, n, words);
+}
 #else
 inline bool pack_bits(const float* x, int64_t n, uint64_t* words) { return pack_bits_sse2(x, n, words); }
+
+inline bool pack_rows(const float* x, int64_t rows, int64_t n, uint64_t* words) {
+  return pack_rows_sse2(x, rows, n, words);
+}
 #endif
 
 // Calls f(i) for every set bit i of the W words (ascending).

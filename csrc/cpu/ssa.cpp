@@ -1,19 +1,22 @@
 // Fused Spiking Self-Attention forward on the CPU (semantics: spikeops/reference.py, ssa).
 //
-//   Y_t = scale * Q_t K_t^T V_t            (exact integer product of 0/1 matrices, then fp32 scale)
+//   Y_t = scale * Q_t (K_t^T V_t)          (exact integer counts of 0/1 products, then one fp32 multiply)
 //   S   = LIF(Y) over t                    (decay_input, hard reset to 0, threshold v_threshold)
 //
-// q, k, v, out: [T, BH, N, d] contiguous. One task per (batch, head) walks t = 0..T-1 keeping the
-// attention neuron's membrane potential [N, d] in a local buffer. Each row of q, k, v is packed
-// along d once (bits.h; this also checks the values are 0/1); the products then only touch spikes:
-// when N > d (no N x N map), K^T V [d, d] adds each token's V row into the rows of its K spikes,
-// and Y[n] = Q[n] (K^T V) adds the K^T V rows of Q[n]'s spikes; when N <= d, Q K^T comes from
-// AND + popcount of the packed rows and Y[n] = sum_m (Q K^T)[n, m] V[m]. All sums are exact
-// integers in fp32 (< 2^24). The packed rows are also the 1-bit copy kept for backward.
+// q, k, v, out: [T, BH, N, d] contiguous. The threads take the (batch, head)s one at a time
+// (dynamic_for.h) and walk t = 0..T-1 keeping the attention neuron's potential [N, d]. Each step
+//   1. packs the rows of q, k, v along d (bits.h; this also checks the values are 0/1); the packed
+//      rows are the 1-bit copy kept for backward, written in place when saved;
+//   2. forms K^T V [d, d]: K's columns packed along N (64 x 64 bit transposes of the rows), then
+//      row c of K^T V = the sum of the V rows (as 0/1 lanes) over the spikes of K's column c;
+//   3. forms Y[n] = the sum of the K^T V rows over the spikes of Q[n], and steps the neuron.
+// The sums are exact integer lanes, int16 when every count fits (N d <= 32767: K^T V <= N,
+// Y <= d N), else int32, accumulated in registers over blocks of up to 4 vectors of columns.
+// While step 3 runs, the next step's q, k, v rows are prefetched (reading them bounds the op).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
@@ -21,8 +24,8 @@
 
 #include "../ops.h"
 #include "bits.h"
+#include "dynamic_for.h"
 #include "lif_math.h"
-#include "popcount.h"
 
 namespace spikeops {
 namespace cpu {
@@ -30,92 +33,28 @@ namespace {
 
 inline int64_t words_for(int64_t bits) { return (bits + 63) / 64; }
 
-inline void add_row(float* __restrict acc, const float* __restrict row, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) acc[j] += row[j];
-}
+// Per-thread buffers of one (batch, head) for kVecs vectors of Count lanes per column block.
+template <typename Count, int kVecs>
+struct Work;
 
-inline void axpy_row(float* __restrict acc, float a, const float* __restrict row, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) acc[j] += a * row[j];
-}
+// Calls f(Count{}, std::integral_constant<int, kVecs>{}) with the lane type and block width for N x d.
+template <typename F>
+void with_layout(int64_t N, int64_t d, F&& f);
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SPIKEOPS_SIMD_CLONES
-#endif
+// One step of one (batch, head) in float: steps 1-3 above. bits[3]: where the packed rows of q, k,
+// v go; next[3]: the next step's inputs (rows of row_bytes) to prefetch, or nullptr. Returns
+// true if a value of q, k or v was not 0/1.
+template <typename Count, int kVecs>
+bool ssa_step(const float* q, const float* k, const float* v, float scale, float tau, float v_threshold,
+              Work<Count, kVecs>& w, uint64_t* const* bits, const char* const* next, int64_t row_bytes, float* out);
 
-// Per-thread work space for one (batch, head).
-struct Work {
-  std::vector<float> q, k, v;         // [N, d] float copies of fp16/bf16 inputs
-  std::vector<uint64_t> qb, kb, vb;   // rows packed along d [N, Wd]
-  std::vector<float> kv;              // K^T V [d, d] (exact integers in float)
-  std::vector<int32_t> qk;            // Q K^T [N, N]
-  std::vector<float> y;               // one row of Y [d]
-  std::vector<float> vmem;            // attention neuron potential [N, d]
-  std::vector<float> spikes;          // [N, d] float spikes for non-fp32 outputs
-};
-
-// One (batch, head) at one step, all in float: packs q, k, v rows (returns true if a value was
-// not 0/1), forms Y = Q K^T V by the cheaper association, steps the attention neuron (vmem) and
-// writes 0./1. into s_out [N, d].
-SPIKEOPS_SIMD_CLONES
-bool ssa_tile(const float* q, const float* k, const float* v, int64_t N, int64_t d, bool kv_first, float scale,
-              LifConsts c, Work& w, float* s_out) {
-  const int64_t Wd = words_for(d);
-  bool bad = false;
-  for (int64_t n = 0; n < N; ++n) {
-    bad |= pack_bits(q + n * d, d, w.qb.data() + n * Wd);
-    bad |= pack_bits(k + n * d, d, w.kb.data() + n * Wd);
-    bad |= pack_bits(v + n * d, d, w.vb.data() + n * Wd);
-  }
-  if (kv_first) {  // K^T V [d, d]: every token adds its V row into the rows of its K spikes
-    std::fill(w.kv.begin(), w.kv.end(), 0.0f);
-    for (int64_t n = 0; n < N; ++n)
-      for_each_bit(w.kb.data() + n * Wd, Wd, [&](int64_t ch) { add_row(w.kv.data() + ch * d, v + n * d, d); });
-  } else {  // Q K^T [N, N] by AND + popcount of the packed rows
-    for (int64_t n = 0; n < N; ++n) popcount_row(w.qb.data() + n * Wd, w.kb.data(), N, Wd, w.qk.data() + n * N);
-  }
-  float* y = w.y.data();
-  for (int64_t n = 0; n < N; ++n) {
-    std::fill(y, y + d, 0.0f);
-    if (kv_first) {  // Y[n] = the sum of the K^T V rows of Q[n]'s spikes
-      for_each_bit(w.qb.data() + n * Wd, Wd, [&](int64_t ch) { add_row(y, w.kv.data() + ch * d, d); });
-    } else {  // Y[n] = sum_m (Q K^T)[n, m] V[m]
-      const int32_t* a = w.qk.data() + n * N;
-      for (int64_t m = 0; m < N; ++m)
-        if (a[m]) axpy_row(y, static_cast<float>(a[m]), v + m * d, d);
-    }
-    float* vm = w.vmem.data() + n * d;
-    float* o = s_out + n * d;
-    for (int64_t j = 0; j < d; ++j) {
-      const float h = lif_charge<true>(vm[j], y[j] * scale, c);
-      const bool fire = lif_fire(h, c);
-      vm[j] = lif_reset<true>(h, fire, c);
-      o[j] = fire ? 1.0f : 0.0f;
-    }
-  }
-  return bad;
-}
-
+// fp16/bf16/fp64 tiles go through float buffers (resized to n on first use); fp32 ones do not.
 template <typename scalar_t>
-inline const float* tile_as_float(const scalar_t* src, std::vector<float>& buf) {
-  for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(src[i]);
-  return buf.data();
-}
-
-inline const float* tile_as_float(const float* src, std::vector<float>&) { return src; }
-
+const float* tile_as_float(const scalar_t* src, int64_t n, std::vector<float>& buf);
 template <typename scalar_t>
-inline float* spikes_out(scalar_t*, std::vector<float>& buf) { return buf.data(); }
-
-inline float* spikes_out(float* dst, std::vector<float>&) { return dst; }
-
+float* spikes_out(scalar_t* dst, int64_t n, std::vector<float>& buf);
 template <typename scalar_t>
-inline void store_spikes(scalar_t* dst, const std::vector<float>& buf) {
-  for (size_t i = 0; i < buf.size(); ++i) dst[i] = static_cast<scalar_t>(buf[i]);
-}
-
-inline void store_spikes(float*, const std::vector<float>&) {}
+void store_spikes(scalar_t* dst, const std::vector<float>& buf);
 
 }  // namespace
 
@@ -127,52 +66,220 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
                   v.scalar_type() == q.scalar_type(),
               "ssa_forward: q, k, v must be contiguous [T, BH, N, d] of one dtype");
   const int64_t T = q.size(0), BH = q.size(1), N = q.size(2), d = q.size(3), Wd = words_for(d);
-  const bool kv_first = N > d;
   auto out = at::empty_like(q);
   auto word_shape = save_packed ? std::vector<int64_t>{T, BH, N, Wd} : std::vector<int64_t>{0};
   auto opts = q.options().dtype(at::kLong);
   at::Tensor qw = at::empty(word_shape, opts), kw = at::empty(word_shape, opts), vw = at::empty(word_shape, opts);
-  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold), 0.0f};
-  const float sc = static_cast<float>(scale);
   std::atomic<bool> bad_any{false};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ssa_forward", [&] {
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
-    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const scalar_t* inputs[3] = {q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                 v.const_data_ptr<scalar_t>()};
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    uint64_t* words[3] = {nullptr, nullptr, nullptr};
+    uint64_t* saved[3] = {nullptr, nullptr, nullptr};
     if (save_packed) {
-      words[0] = reinterpret_cast<uint64_t*>(qw.mutable_data_ptr<int64_t>());
-      words[1] = reinterpret_cast<uint64_t*>(kw.mutable_data_ptr<int64_t>());
-      words[2] = reinterpret_cast<uint64_t*>(vw.mutable_data_ptr<int64_t>());
+      const at::Tensor* words[3] = {&qw, &kw, &vw};
+      for (int i = 0; i < 3; ++i) saved[i] = reinterpret_cast<uint64_t*>(words[i]->mutable_data_ptr<int64_t>());
     }
-    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-      Work w;
-      for (auto* b : {&w.q, &w.k, &w.v, &w.vmem, &w.spikes}) b->resize(N * d);
-      for (auto* b : {&w.qb, &w.kb, &w.vb}) b->resize(N * Wd);
-      w.y.resize(d);
-      if (kv_first) w.kv.resize(d * d); else w.qk.resize(N * N);
-      bool bad = false;
-      for (int64_t bh = begin; bh < end; ++bh) {
+    with_layout(N, d, [&](auto count, auto vecs) {
+      using W = Work<decltype(count), decltype(vecs)::value>;
+      for_each_item(BH, [&] { return W(N, d); }, [&](W& w, int64_t bh, int64_t next_bh) {
         std::fill(w.vmem.begin(), w.vmem.end(), 0.0f);
+        bool bad = false;
         for (int64_t t = 0; t < T; ++t) {
-          const int64_t off = (t * BH + bh) * N * d, woff = (t * BH + bh) * N * Wd;
-          bad |= ssa_tile(tile_as_float(qp + off, w.q), tile_as_float(kp + off, w.k), tile_as_float(vp + off, w.v),
-                          N, d, kv_first, sc, c, w, spikes_out(op + off, w.spikes));
-          store_spikes(op + off, w.spikes);
-          if (save_packed) {  // the packed rows are the 1-bit copy kept for backward
-            std::copy(w.qb.begin(), w.qb.end(), words[0] + woff);
-            std::copy(w.kb.begin(), w.kb.end(), words[1] + woff);
-            std::copy(w.vb.begin(), w.vb.end(), words[2] + woff);
+          const int64_t tile = t * BH + bh, off = tile * N * d;
+          // the step this thread takes next: t + 1, or t = 0 of its next (batch, head)
+          const int64_t next_tile = t + 1 < T ? tile + BH : next_bh;
+          const char* next[3] = {nullptr, nullptr, nullptr};
+          uint64_t* bits[3];
+          for (int i = 0; i < 3; ++i) {
+            if (next_tile >= 0) next[i] = reinterpret_cast<const char*>(inputs[i] + next_tile * N * d);
+            bits[i] = save_packed ? saved[i] + tile * N * Wd : w.packed[i].data();
           }
+          bad |= ssa_step(tile_as_float(inputs[0] + off, N * d, w.q), tile_as_float(inputs[1] + off, N * d, w.k),
+                          tile_as_float(inputs[2] + off, N * d, w.v), static_cast<float>(scale),
+                          static_cast<float>(tau), static_cast<float>(v_threshold), w, bits,
+                          next_tile >= 0 ? next : nullptr, d * static_cast<int64_t>(sizeof(scalar_t)),
+                          spikes_out(op + off, N * d, w.spikes));
+          store_spikes(op + off, w.spikes);
         }
-      }
-      if (bad) bad_any.store(true, std::memory_order_relaxed);
+        if (bad) bad_any.store(true, std::memory_order_relaxed);
+      });
     });
   });
   return {out, qw, kw, vw, !bad_any.load()};
 }
 
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPIKEOPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))  // AVX2 + BMI
+#else
+#define SPIKEOPS_SIMD_CLONES
+#endif
+
+// One 32-byte vector of Count lanes (GCC vector extension: one AVX2 register in the x86-64-v3
+// clones, two SSE2 halves otherwise).
+template <typename Count>
+struct Lanes {
+  static constexpr int64_t kWidth = 32 / sizeof(Count);
+  typedef Count Vec __attribute__((vector_size(32)));
+  typedef float Floats __attribute__((vector_size(4 * kWidth)));  // the same lanes as float
+};
+
+template <typename Count, int kVecs>
+struct Work {
+  static constexpr int64_t kCols = kVecs * Lanes<Count>::kWidth;  // columns per block
+  Work(int64_t N, int64_t d)
+      : N(N), d(d), blocks((d + kCols - 1) / kCols), vmem(N * d), kcol(d * words_for(N)),
+        vlanes(blocks * N * kCols), kv(blocks * d * kCols) {
+    for (auto& p : packed) p.resize(N * words_for(d));
+  }
+  int64_t N, d, blocks;
+  std::vector<float> vmem;            // attention neuron potential [N, d]
+  std::vector<uint64_t> packed[3];    // q, k, v rows packed along d [N, Wd] (when not saved)
+  std::vector<uint64_t> kcol;         // K's columns packed along N [d, WN]
+  std::vector<Count> vlanes;          // V rows as 0/1 lanes [blocks, N, kCols]
+  std::vector<Count> kv;              // K^T V [blocks, d, kCols]
+  std::vector<float> q, k, v, spikes; // float copies of fp16/bf16/fp64 tiles [N, d]
+};
+
+template <typename F>
+void with_layout(int64_t N, int64_t d, F&& f) {
+  auto with_vecs = [&](auto count) {
+    const int64_t vecs = (d + Lanes<decltype(count)>::kWidth - 1) / Lanes<decltype(count)>::kWidth;
+    switch (std::min<int64_t>(vecs, 4)) {
+      case 1: return f(count, std::integral_constant<int, 1>{});
+      case 2: return f(count, std::integral_constant<int, 2>{});
+      case 3: return f(count, std::integral_constant<int, 3>{});
+      default: return f(count, std::integral_constant<int, 4>{});
+    }
+  };
+  if (N * d <= 32767) with_vecs(int16_t{}); else with_vecs(int32_t{});
+}
+
+// a[i] bit j <-> a[j] bit i for a 64 x 64 bit matrix (Hacker's Delight 7-3, log2(64) swap rounds).
+inline void transpose64(uint64_t* a) {
+  uint64_t m = 0x00000000FFFFFFFFull;
+  for (int j = 32; j != 0; j >>= 1, m ^= m << j) {
+    for (int r = 0; r < 64; r = ((r | j) + 1) & ~j) {
+      const uint64_t t = ((a[r] >> j) ^ a[r | j]) & m;
+      a[r | j] ^= t;
+      a[r] ^= t << j;
+    }
+  }
+}
+
+// acc = the sum of the rows rows[i * kCols, (i + 1) * kCols) over the set bits i of the W words.
+template <int kVecs, typename Count, typename Vec = typename Lanes<Count>::Vec>
+inline __attribute__((always_inline)) void sum_rows(const uint64_t* bits, int64_t W, const Count* rows, Vec* acc) {
+  constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = kVecs * kWidth;
+  for (int i = 0; i < kVecs; ++i) acc[i] = Vec{};
+  for_each_bit(bits, W, [&](int64_t b) {
+    for (int i = 0; i < kVecs; ++i) {
+      Vec row;
+      __builtin_memcpy(&row, rows + b * kCols + i * kWidth, sizeof(row));
+      acc[i] += row;
+    }
+  });
+}
+
+// The neuron over n columns of one row: H = V + (scale * y - V) / tau, spike, hard reset.
+inline void lif_row(const float* y, int64_t n, float scale, LifConsts c, float* vm, float* o) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float h = lif_charge<true>(vm[j], y[j] * scale, c);
+    const bool fire = lif_fire(h, c);
+    vm[j] = lif_reset<true>(h, fire, c);
+    o[j] = fire ? 1.0f : 0.0f;
+  }
+}
+
+template <typename Count, int kVecs>
+SPIKEOPS_SIMD_CLONES
+bool ssa_step(const float* q, const float* k, const float* v, float scale, float tau, float v_threshold,
+              Work<Count, kVecs>& w, uint64_t* const* bits, const char* const* next, int64_t row_bytes, float* out) {
+  using Vec = typename Lanes<Count>::Vec;
+  constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
+  const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N);
+  const LifConsts c{tau, v_threshold, 0.0f};  // v_reset 0 known here: "V - v_reset" folds away
+  const uint64_t *qb = bits[0], *kb = bits[1], *vb = bits[2];
+  const bool bad = pack_rows(q, N, d, bits[0]) | pack_rows(k, N, d, bits[1]) | pack_rows(v, N, d, bits[2]);
+
+  Vec lane_bit;  // V's bits -> 0/1 lanes: each lane tests its bit of a broadcast chunk
+  for (int64_t i = 0; i < kWidth; ++i) lane_bit[i] = static_cast<Count>(1u << i);
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    for (int64_t m = 0; m < N; ++m) {
+      for (int64_t i = 0; i < kVecs; ++i) {
+        const int64_t j = b * kCols + i * kWidth;  // kWidth divides 64: the chunk is in one word
+        const Count chunk = j < d ? static_cast<Count>(vb[m * Wd + j / 64] >> (j % 64)) : 0;
+        const Vec lanes = -(((Vec{} + chunk) & lane_bit) != 0);
+        __builtin_memcpy(w.vlanes.data() + (b * N + m) * kCols + i * kWidth, &lanes, sizeof(lanes));
+      }
+    }
+  }
+  for (int64_t rb = 0; rb < WN; ++rb) {  // K's columns, 64 tokens x 64 channels at a time
+    for (int64_t cw = 0; cw < Wd; ++cw) {
+      uint64_t a[64];
+      for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? kb[(rb * 64 + i) * Wd + cw] : 0;
+      transpose64(a);
+      for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) w.kcol[(cw * 64 + i) * WN + rb] = a[i];
+    }
+  }
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    for (int64_t ch = 0; ch < d; ++ch) {
+      Vec acc[kVecs];
+      sum_rows<kVecs>(w.kcol.data() + ch * WN, WN, w.vlanes.data() + b * N * kCols, acc);
+      __builtin_memcpy(w.kv.data() + (b * d + ch) * kCols, acc, sizeof(acc));
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    if (next) {
+      for (int i = 0; i < 3; ++i)
+        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next[i] + n * row_bytes + off, 0, 1);
+    }
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      Vec acc[kVecs];
+      sum_rows<kVecs>(qb + n * Wd, Wd, w.kv.data() + b * d * kCols, acc);
+      float y[kCols];  // exact below 2^24, as the reference's fp32 products
+      for (int i = 0; i < kVecs; ++i) {
+        const auto lanes = __builtin_convertvector(acc[i], typename Lanes<Count>::Floats);
+        __builtin_memcpy(y + i * kWidth, &lanes, sizeof(lanes));
+      }
+      const int64_t j0 = b * kCols;
+      lif_row(y, std::min(kCols, d - j0), scale, c, w.vmem.data() + n * d + j0, out + n * d + j0);
+    }
+  }
+  return bad;
+}
+
+template <typename scalar_t>
+const float* tile_as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    buf.resize(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+float* spikes_out(scalar_t* dst, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return dst;
+  } else {
+    buf.resize(n);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+void store_spikes(scalar_t* dst, const std::vector<float>& buf) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    for (size_t i = 0; i < buf.size(); ++i) dst[i] = static_cast<scalar_t>(buf[i]);
+  }
+}
+
+}  // namespace
 }  // namespace cpu
 }  // namespace spikeops

@@ -5,103 +5,69 @@
 //   out[t, bh, n, c] = A[t, bh, n] * k[t, bh, n, c]
 // Backward, walking t = T-1 .. 0 per token with the neuron's H and K's bits saved by forward:
 //   dA = sum_c dout * k;  dS = LIF backward(dA);  dk = A * dout;  dq = dp = dS (broadcast over c).
-// The sums are popcounts of the rows packed with bits.h (which also checks the values are 0/1);
-// K's packed rows are written by forward and read by backward (1 bit per spike kept).
+// The threads take runs of kTokens consecutive tokens (rows) one at a time (dynamic_for.h) and walk
+// t over each. A step goes over its rows in blocks of kBlock, every array of a block in one go
+// (the memory system then streams the arrays in parallel; array after array over all the rows,
+// it streams one at a time, ~1.5x slower): a block's q (and p, and k) values are packed as one
+// run of bits (bits.h, which also checks the values are 0/1), S per token is a difference of
+// prefix popcounts of that run, k's row words (kept for backward) are cut out of it, the neuron
+// steps the block's tokens (a loop over tokens that vectorises), then out = A * k row by row.
+// Backward likewise: dA is a masked sum of the dout row, the LIF backward runs over the block's
+// tokens, then dk = A * dout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
 #include "bits.h"
+#include "dynamic_for.h"
 #include "lif_math.h"
 
 namespace spikeops {
 namespace cpu {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_TOKEN_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define SPIKEOPS_TOKEN_CLONES
-#endif
+constexpr int64_t kTokens = 1024;  // tokens per task chunk (their neuron state is kept over t)
+constexpr int64_t kBlock = 8;      // tokens per pass over the arrays
 
-// Forward over a run of `rows` consecutive tokens at one step (float rows of d values):
-// S = popcount(q row bits) (+ popcount(p row bits)), one LIF step per token (vmem), out row =
-// k row where the token fires, else 0; the k row bits go to k_words. Returns true if a value
-// was not 0/1.
-SPIKEOPS_TOKEN_CLONES
-bool token_rows_forward(const float* q, const float* p, const float* k, int64_t rows, int64_t d, LifConsts c,
-                        float* vmem, float* h_out, uint64_t* k_words, float* out) {
-  const int64_t Wd = (d + 63) / 64;
-  uint64_t bits[16];
-  bool bad = false;
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t count = 0;
-    for (const float* x : {q, p}) {
-      if (!x) continue;
-      for (int64_t w0 = 0; w0 < Wd; w0 += 16) {  // popcount of the packed row, 16 words at a time
-        const int64_t nw = std::min<int64_t>(16, Wd - w0), n = std::min<int64_t>(nw * 64, d - w0 * 64);
-        bad |= pack_bits(x + r * d + w0 * 64, n, bits);
-        for (int64_t w = 0; w < nw; ++w) count += __builtin_popcountll(bits[w]);
-      }
-    }
-    bad |= pack_bits(k + r * d, d, k_words + r * Wd);
-    const float hv = lif_charge<true>(vmem[r], static_cast<float>(count), c);
-    const bool fire = lif_fire(hv, c);
-    vmem[r] = lif_reset<true>(hv, fire, c);
-    if (h_out) h_out[r] = hv;
-    float* o = out + r * d;
-    if (fire) std::copy(k + r * d, k + (r + 1) * d, o); else std::fill(o, o + d, 0.0f);
-  }
-  return bad;
-}
+inline int64_t words_for(int64_t bits) { return (bits + 63) / 64; }
 
-// Backward over `rows` tokens at one step: dA = sum of dout over k's spikes (from k_words),
-// dk row = dout where the token fired, dS = LIF backward (gv carries dL/dV to step t-1).
-SPIKEOPS_TOKEN_CLONES
-void token_rows_backward(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d,
-                         LifConsts c, float* gv, float* grad_s, float* grad_k) {
-  const int64_t Wd = (d + 63) / 64;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* gr = g + r * d;
-    float ga = 0.0f;
-    for_each_bit(k_words + r * Wd, Wd, [&](int64_t j) { ga += gr[j]; });
-    const float dist = lif_distance(h[r], c);
-    float* gk = grad_k + r * d;
-    if (!__builtin_signbit(dist)) std::copy(gr, gr + d, gk); else std::fill(gk, gk + d, 0.0f);
-    grad_s[r] = lif_grad_step<true, true>(dist, surrogate_grad<kSigmoid>(dist, 4.0f), ga, gv[r], c, true);
-  }
-}
+// Per-thread buffers of one chunk.
+struct Scratch {
+  explicit Scratch(int64_t d)
+      : bits(words_for(kBlock * d)), prefix(words_for(kBlock * d) + 1), count(kTokens), state(kTokens),
+        h(kTokens), a(kTokens), grad_a(kTokens) {}
+  std::vector<uint64_t> bits;       // one block's q, p or k values as a run of bits
+  std::vector<int32_t> prefix;      // set bits before each word of the run
+  std::vector<int32_t> count;       // S
+  std::vector<float> state;         // V (forward), dL/dV (backward)
+  std::vector<float> h, a, grad_a;  // H when not kept, A, dL/dA
+  std::vector<float> in[3], out;    // float copies of fp16/bf16/fp64 rows
+};
 
-constexpr int64_t kTokens = 256;  // tokens per task chunk
+// Forward over `rows` consecutive tokens at one step: counts of q (and p), one LIF step per
+// token (state: V, carried over t), H into h, k's bits into k_words, out = A * k. Returns true
+// if a value was not 0/1.
+bool token_rows_forward(const float* q, const float* p, const float* k, int64_t rows, int64_t d, float tau,
+                        float v_threshold, Scratch& s, float* h, uint64_t* k_words, float* out);
 
+// Backward over `rows` tokens at one step: dA from dout and k_words, dS = LIF backward (state:
+// dL/dV carried to step t - 1), dk = A * dout.
+void token_rows_backward(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
+                         float v_threshold, Scratch& s, float* grad_s, float* grad_k);
+
+// fp16/bf16/fp64 rows go through float buffers; fp32 ones do not.
 template <typename scalar_t>
-const float* rows_as_float(const scalar_t* src, int64_t count, std::vector<float>& buf) {
-  buf.resize(count);
-  for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<float>(src[i]);
-  return buf.data();
-}
-
-const float* rows_as_float(const float* src, int64_t, std::vector<float>&) { return src; }
-
+const float* rows_as_float(const scalar_t* src, int64_t count, std::vector<float>& buf);
 template <typename scalar_t>
-float* rows_out(scalar_t*, int64_t count, std::vector<float>& buf) {
-  buf.resize(count);
-  return buf.data();
-}
-
-float* rows_out(float* dst, int64_t, std::vector<float>&) { return dst; }
-
+float* rows_out(scalar_t* dst, int64_t count, std::vector<float>& buf);
 template <typename scalar_t>
-void store_rows(scalar_t* dst, const float* src, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-void store_rows(float*, const float*, int64_t) {}
+void store_rows(scalar_t* dst, const float* src, int64_t count);
 
 }  // namespace
 
@@ -113,12 +79,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
               "token_attention_forward: q, k must be contiguous [T, BH, N, d] of one dtype");
   TORCH_CHECK(!p || (p->sizes() == q.sizes() && p->is_contiguous() && p->scalar_type() == q.scalar_type()),
               "token_attention_forward: p must match q");
-  const int64_t T = q.size(0), R = q.size(1) * q.size(2), d = q.size(3), Wd = (d + 63) / 64;
+  const int64_t T = q.size(0), R = q.size(1) * q.size(2), d = q.size(3), Wd = words_for(d);
   auto out = at::empty_like(q);
   auto h = at::empty(save ? std::vector<int64_t>{T, q.size(1), q.size(2)} : std::vector<int64_t>{0},
                      q.options().dtype(at::kFloat));
   auto k_words = at::empty({T * R, Wd}, q.options().dtype(at::kLong));  // filled by the kernel, kept if save
-  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold), 0.0f};
   std::atomic<bool> bad_any{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "token_attention_forward", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -127,20 +92,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     float* hp = save ? h.mutable_data_ptr<float>() : nullptr;
     uint64_t* kw = reinterpret_cast<uint64_t*>(k_words.mutable_data_ptr<int64_t>());
-    at::parallel_for(0, (R + kTokens - 1) / kTokens, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qb, kb, pb, ob, vmem(kTokens);
+    for_each_item((R + kTokens - 1) / kTokens, [&] { return Scratch(d); }, [&](Scratch& s, int64_t chunk, int64_t) {
+      const int64_t r0 = chunk * kTokens, rows = std::min(kTokens, R - r0);
+      std::fill(s.state.begin(), s.state.end(), 0.0f);
       bool bad = false;
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t r0 = chunk * kTokens, rows = std::min(kTokens, R - r0);
-        std::fill(vmem.begin(), vmem.end(), 0.0f);
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
-          float* o = rows_out(op + off, count, ob);
-          bad |= token_rows_forward(rows_as_float(qp + off, count, qb), pp ? rows_as_float(pp + off, count, pb) : nullptr,
-                                    rows_as_float(kp + off, count, kb), rows, d, c, vmem.data(),
-                                    hp ? hp + row0 : nullptr, kw + row0 * Wd, o);
-          store_rows(op + off, o, count);
-        }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
+        float* o = rows_out(op + off, count, s.out);
+        bad |= token_rows_forward(rows_as_float(qp + off, count, s.in[0]),
+                                  pp ? rows_as_float(pp + off, count, s.in[1]) : nullptr,
+                                  rows_as_float(kp + off, count, s.in[2]), rows, d, static_cast<float>(tau),
+                                  static_cast<float>(v_threshold), s, hp ? hp + row0 : s.h.data(), kw + row0 * Wd, o);
+        store_rows(op + off, o, count);
       }
       if (bad) bad_any.store(true, std::memory_order_relaxed);
     });
@@ -153,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& k_words, const at::Tensor& h, double v_threshold, double tau) {
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.is_contiguous(), "token_attention_backward: grad_out must be contiguous [T, BH, N, d]");
   const int64_t T = grad_out.size(0), BH = grad_out.size(1), N = grad_out.size(2), d = grad_out.size(3);
-  const int64_t R = BH * N, Wd = (d + 63) / 64;
+  const int64_t R = BH * N, Wd = words_for(d);
   TORCH_CHECK(k_words.dim() == 2 && k_words.size(0) == T * R && k_words.size(1) == Wd && k_words.is_contiguous() &&
                   k_words.scalar_type() == at::kLong,
               "token_attention_backward: k_words must be contiguous int64 [T*BH*N, ceil(d/64)]");
@@ -162,30 +125,168 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
               "token_attention_backward: h must be contiguous fp32 [T, BH, N]");
   auto grad_s = at::empty({T, BH, N}, h.options());
   auto grad_k = at::empty_like(grad_out);
-  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold), 0.0f};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "token_attention_backward", [&] {
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const uint64_t* kw = reinterpret_cast<const uint64_t*>(k_words.const_data_ptr<int64_t>());
     const float* hp = h.const_data_ptr<float>();
     float* gsp = grad_s.mutable_data_ptr<float>();
     scalar_t* gkp = grad_k.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, (R + kTokens - 1) / kTokens, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> gb, gkb, gv(kTokens);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t r0 = chunk * kTokens, rows = std::min(kTokens, R - r0);
-        std::fill(gv.begin(), gv.end(), 0.0f);
-        for (int64_t t = T - 1; t >= 0; --t) {
-          const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
-          float* gk = rows_out(gkp + off, count, gkb);
-          token_rows_backward(rows_as_float(gp + off, count, gb), kw + row0 * Wd, hp + row0, rows, d, c, gv.data(),
-                              gsp + row0, gk);
-          store_rows(gkp + off, gk, count);
-        }
+    for_each_item((R + kTokens - 1) / kTokens, [&] { return Scratch(d); }, [&](Scratch& s, int64_t chunk, int64_t) {
+      const int64_t r0 = chunk * kTokens, rows = std::min(kTokens, R - r0);
+      std::fill(s.state.begin(), s.state.end(), 0.0f);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
+        float* gk = rows_out(gkp + off, count, s.out);
+        token_rows_backward(rows_as_float(gp + off, count, s.in[0]), kw + row0 * Wd, hp + row0, rows, d,
+                            static_cast<float>(tau), static_cast<float>(v_threshold), s, gsp + row0, gk);
+        store_rows(gkp + off, gk, count);
       }
     });
   });
   return {grad_s, grad_k};
 }
 
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// x86-64-v3: AVX2 with POPCNT (an "arch=haswell" clone would be picked on Intel Haswell-likes only)
+#define SPIKEOPS_TOKEN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SPIKEOPS_TOKEN_CLONES
+#endif
+
+typedef float Floats __attribute__((vector_size(32)));
+typedef int32_t Ints __attribute__((vector_size(32)));
+
+// The sum of g[j] over the set bits j of the row's words: eight lanes at a time, masked by the
+// bits (each lane tests its bit of a broadcast byte), then the lanes and a scalar tail.
+inline __attribute__((always_inline)) float masked_sum(const float* g, const uint64_t* words, int64_t d) {
+  const Ints lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  Floats acc = {};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const Ints lane = ((Ints{} + static_cast<int32_t>(words[j / 64] >> (j % 64))) & lane_bit) != 0;
+    Floats x;
+    __builtin_memcpy(&x, g + j, sizeof(x));
+    acc += reinterpret_cast<Floats>(reinterpret_cast<Ints>(x) & lane);
+  }
+  float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < d; ++j) {
+    if ((words[j / 64] >> (j % 64)) & 1) sum += g[j];
+  }
+  return sum;
+}
+
+// Packs x [n, d] as one run of n d bits into s.bits and adds each row's set bits to count.
+inline __attribute__((always_inline)) bool add_row_counts(const float* x, int64_t n, int64_t d, Scratch& s,
+                                                          int32_t* count) {
+  const bool bad = pack_rows(x, 1, n * d, s.bits.data());
+  const int64_t W = words_for(n * d);
+  s.prefix[0] = 0;
+  for (int64_t w = 0; w < W; ++w) s.prefix[w + 1] = s.prefix[w] + __builtin_popcountll(s.bits[w]);
+  int32_t before = 0;  // set bits before row r
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t end = (r + 1) * d, w = end / 64, b = end % 64;
+    const int32_t upto = s.prefix[w] + (b ? __builtin_popcountll(s.bits[w] << (64 - b)) : 0);
+    count[r] += upto - before;
+    before = upto;
+  }
+  return bad;
+}
+
+// Bits [pos, pos + len) of a run of bits (len <= 64).
+inline __attribute__((always_inline)) uint64_t cut_bits(const uint64_t* run, int64_t pos, int64_t len) {
+  const uint64_t* w = run + pos / 64;
+  const int64_t b = pos % 64;
+  uint64_t bits = w[0] >> b;
+  if (b + len > 64) bits |= w[1] << (64 - b);
+  return len == 64 ? bits : bits & ((uint64_t{1} << len) - 1);
+}
+
+SPIKEOPS_TOKEN_CLONES
+bool token_rows_forward(const float* q, const float* p, const float* k, int64_t rows, int64_t d, float tau,
+                        float v_threshold, Scratch& s, float* h, uint64_t* k_words, float* out) {
+  const LifConsts c{tau, v_threshold, 0.0f};  // v_reset 0 known here: "V - v_reset" folds away
+  const int64_t Wd = words_for(d);
+  bool bad = false;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t n = std::min(kBlock, rows - r0);
+    int32_t* count = s.count.data() + r0;
+    std::fill(count, count + n, 0);
+    bad |= add_row_counts(q + r0 * d, n, d, s, count);
+    if (p) bad |= add_row_counts(p + r0 * d, n, d, s, count);
+    bad |= pack_rows(k + r0 * d, 1, n * d, s.bits.data());
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t w = 0; w < Wd; ++w)
+        k_words[(r0 + r) * Wd + w] = cut_bits(s.bits.data(), r * d + 64 * w, std::min<int64_t>(64, d - 64 * w));
+    }
+    float* vm = s.state.data() + r0;
+    float* a = s.a.data() + r0;
+    for (int64_t r = 0; r < n; ++r) {
+      const float hv = lif_charge<true>(vm[r], static_cast<float>(count[r]), c);
+      const bool fire = lif_fire(hv, c);
+      vm[r] = lif_reset<true>(hv, fire, c);
+      h[r0 + r] = hv;
+      a[r] = fire ? 1.0f : 0.0f;
+    }
+    for (int64_t r = 0; r < n; ++r) {  // the reference's A * k (-0 included)
+      const float ar = a[r], *kr = k + (r0 + r) * d;
+      float* o = out + (r0 + r) * d;
+      for (int64_t j = 0; j < d; ++j) o[j] = ar * kr[j];
+    }
+  }
+  return bad;
+}
+
+SPIKEOPS_TOKEN_CLONES
+void token_rows_backward(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
+                         float v_threshold, Scratch& s, float* grad_s, float* grad_k) {
+  const LifConsts c{tau, v_threshold, 0.0f};
+  const int64_t Wd = words_for(d);
+  float* gv = s.state.data();
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    const int64_t end = std::min(r0 + kBlock, rows);
+    for (int64_t r = r0; r < end; ++r) s.grad_a[r] = masked_sum(g + r * d, k_words + r * Wd, d);
+    for (int64_t r = r0; r < end; ++r) {
+      const float dist = lif_distance(h[r], c);
+      s.a[r] = __builtin_signbit(dist) ? 0.0f : 1.0f;
+      grad_s[r] = lif_grad_step<true, true>(dist, surrogate_grad<kSigmoid>(dist, 4.0f), s.grad_a[r], gv[r], c, true);
+    }
+    for (int64_t r = r0; r < end; ++r) {  // the reference's dout * A
+      const float ar = s.a[r];
+      for (int64_t j = 0; j < d; ++j) grad_k[r * d + j] = ar * g[r * d + j];
+    }
+  }
+}
+
+template <typename scalar_t>
+const float* rows_as_float(const scalar_t* src, int64_t count, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    buf.resize(count);
+    for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+float* rows_out(scalar_t* dst, int64_t count, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return dst;
+  } else {
+    buf.resize(count);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+void store_rows(scalar_t* dst, const float* src, int64_t count) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+}  // namespace
 }  // namespace cpu
 }  // namespace spikeops

@@ -7,9 +7,9 @@ For spikes q, k, v ``[T, B, H, N, d]`` (Spikformer's attention, per head and tim
     Y_t = s \, Q_t K_t^T V_t, \qquad S = \mathrm{LIF}_{v_{th}, \tau}(Y) \text{ over } t
 
 with the attention neuron of Spikformer (v_reset 0, decay_input, detach_reset, sigmoid surrogate
-alpha 4). ``Q K^T V`` is an exact integer (0/1 operands), computed as ``Q (K^T V)`` when
-``N > d`` (no N x N map) and ``(Q K^T) V`` otherwise; the scale is applied in fp32, so spikes
-equal the reference bit for bit.
+alpha 4). ``Q K^T V`` is an exact integer (0/1 operands), computed as ``Q (K^T V)`` (no N x N
+map; the Triton kernel takes ``(Q K^T) V`` when ``N <= d``); the scale is applied in fp32, so
+spikes equal the reference bit for bit.
 
 Backward saves q, k, v bit-packed (1 bit per spike, 1/32 of fp32) and recomputes Y from them
 exactly, runs the fused LIF backward (surrogate) to get dL/dY, then the float products:
