@@ -219,9 +219,6 @@ def sj_version() -> Optional[str]:
 def run_device(dev: torch.device, shape_names: list[str], args) -> dict:
     dtype = getattr(torch, args.dtype)
     payload = H.run_header(dev)
-    busy = payload["machine"]["other_cpu_busy"]
-    if busy is not None and busy > 0.2:
-        print(f"warning: other processes use {busy:.0%} of the CPUs; timings will be noisy")
     payload.update(benchmark="lif", dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
                    malloc=args.malloc_policy,
                    neuron=dict(tau=TAU, v_threshold=V_TH, v_reset=0.0, decay_input=True, detach_reset=True,

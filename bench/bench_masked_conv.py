@@ -243,9 +243,6 @@ def targets(payload: dict, kernel: str) -> list[dict]:
 def run_device(dev: torch.device, sections: list[str], args) -> dict:
     dtype = getattr(torch, args.dtype)
     payload = H.run_header(dev)
-    busy = payload["machine"]["other_cpu_busy"]
-    if busy is not None and busy > 0.2:
-        print(f"warning: other processes use {busy:.0%} of the CPUs; timings will be noisy")
     payload.update(benchmark="masked_conv", dtype=args.dtype, repeats=max(3, args.repeats // 4), warmup=args.warmup,
                    malloc=args.malloc_policy if dev.type == "cpu" else "cuda caching allocator",
                    batch=BATCH, T=1, image=IMAGE, widths=list(WIDTHS[1:]), expand=EXPAND, ratios={})

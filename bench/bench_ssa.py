@@ -469,9 +469,6 @@ def select(shapes: str, standalone: bool) -> list[str]:
 def run_device(dev: torch.device, names: list[str], args) -> dict:
     dtype = getattr(torch, args.dtype)
     payload = H.run_header(dev)
-    busy = payload["machine"]["other_cpu_busy"]
-    if busy is not None and busy > 0.2:
-        print(f"warning: other processes use {busy:.0%} of the CPUs; timings will be noisy")
     malloc = args.malloc_policy if dev.type == "cpu" else "cuda caching allocator"
     payload.update(benchmark="ssa", dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, malloc=malloc,
                    density=DENSITY, attention=dict(scale=SCALE, v_threshold=ATTN_TH, tau=TAU, detach_reset=True,

@@ -188,13 +188,18 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run_header(device: torch.device) -> dict:
-    """Date, command line and machine info for a results file."""
-    return {
+    """Date, command line and machine info for a results file; warns when other processes keep
+    more than 20% of the CPUs busy (the timings will be noisy)."""
+    header = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(getattr(sys, "orig_argv", sys.argv)),
         "device": str(device),
         "machine": machine_info(device),
     }
+    busy = header["machine"]["other_cpu_busy"]
+    if busy is not None and busy > 0.2:
+        print(f"warning: other processes use {busy:.0%} of the CPUs; timings will be noisy")
+    return header
 
 
 def fmt(x: Optional[float], digits: int = 2) -> str:
