@@ -22,6 +22,7 @@ import importlib.util
 import os
 
 import torch
+from torch.utils import _python_dispatch
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,6 +97,19 @@ def resolve(tensor: torch.Tensor, backend: str = "auto") -> str:
             "or set TRITON_INTERPRET=1 before importing spikeops to run Triton's interpreter on CPU"
         )
     return backend
+
+
+def direct_call_ok(*tensors: torch.Tensor) -> bool:
+    """True when an op may call its raw kernel directly instead of through its ``torch.library``
+    custom op, saving the op dispatch (~50 us a call): plain eager tensors that need no autograd,
+    with nothing tracing (``torch.compile``, ``make_fx``), no tensor subclass (FakeTensor) and no
+    dispatch or torch-function mode active. The result is the same either way."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if _python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
 def kernel(op: str, fn: str, backend: str):

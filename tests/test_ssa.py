@@ -38,7 +38,7 @@ def test_spikes_and_grads_match_reference(backend, shape):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("scale,v_threshold,tau", [(0.25, 1.0, 3.0), (0.05, 0.3, 1.5)])
+@pytest.mark.parametrize("scale,v_threshold,tau", [(0.25, 1.0, 3.0), (0.05, 0.3, 1.5), (0.125, 0.5, 4.0)])
 def test_settings_reach_the_kernel(backend, scale, v_threshold, tau):
     device = device_for(backend)
     tensors = qkv((3, 1, 2, 24, 8), device=device)
@@ -56,6 +56,37 @@ def test_counts_beyond_fp16_exact_integers_stay_exact(backend):
     scale = 1.0 / 2100.0
     out = spikeops.ssa(q, k, v, scale=scale, v_threshold=0.5, backend=backend)
     assert torch.equal(out.cpu(), reference.ssa(q.cpu(), k.cpu(), v.cpu(), scale=scale))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_counts_beyond_int16_stay_exact(backend):
+    # N d = 36000 > 32767: the C++ kernel sums in int32 lanes. All-ones K and V make every entry
+    # of K^T V equal N = 300 and Y = 300 * (spikes in the row of Q): ~34000 at density 0.95, past
+    # int16, with the threshold amid the rows' values so that both outcomes occur.
+    device = device_for(backend)
+    shape = (2, 1, 1, 300, 120)
+    q = (torch.rand(shape, generator=torch.Generator().manual_seed(3)) < 0.95).float().to(device)
+    k, v = torch.ones(shape, device=device), torch.ones(shape, device=device)
+    assert (300 * q.sum(-1)).max() > 32767
+    scale = 1.0 / 36000.0
+    out = spikeops.ssa(q, k, v, scale=scale, v_threshold=0.475, backend=backend)
+    ref = reference.ssa(q.cpu(), k.cpu(), v.cpu(), scale=scale, v_threshold=0.475)
+    assert torch.equal(out.cpu(), ref)
+    assert 0 < ref[0].sum() < ref[0].numel()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_random_spikes_in_the_int32_count_range_match_reference(backend):
+    device = device_for(backend)
+    shape = (2, 1, 2, 300, 120)
+    tensors = qkv(shape, densities=(0.2, 0.3, 0.4), seed=5, device=device)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(device)
+    out, grads = run(lambda q, k, v: spikeops.ssa(q, k, v, scale=0.001, backend=backend), tensors, grad)
+    ref, ref_grads = run(lambda q, k, v: reference.ssa(q, k, v, scale=0.001), [t.cpu() for t in tensors], grad.cpu())
+    assert torch.equal(out.cpu(), ref)
+    assert 0 < ref.sum() < ref.numel()
+    for g, rg in zip(grads, ref_grads):
+        assert_grads_close(g, rg, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -133,3 +164,19 @@ def test_compiled_attention_matches_eager():
     assert torch.equal(out, reference.ssa(*tensors))
     out.sum().backward()
     assert all(t.grad is not None for t in tensors)
+
+
+def test_inference_calls_skip_the_op_dispatch_only_when_nothing_traces():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from spikeops import backend as backend_mod
+
+    x = torch.zeros(2, 3)
+    assert backend_mod.direct_call_ok(x, x)
+    assert not backend_mod.direct_call_ok(x, x.clone().requires_grad_())
+    with torch.no_grad():
+        assert backend_mod.direct_call_ok(x.clone().requires_grad_())
+    with FakeTensorMode():
+        assert not backend_mod.direct_call_ok(torch.zeros(2, 3))
+    with torch.overrides.TorchFunctionMode():
+        assert not backend_mod.direct_call_ok(x)

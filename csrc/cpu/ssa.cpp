@@ -17,14 +17,15 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
 #include "bits.h"
 #include "dynamic_for.h"
+#include "float_staging.h"
 #include "lif_math.h"
 
 namespace spikeops {
@@ -47,14 +48,6 @@ void with_layout(int64_t N, int64_t d, F&& f);
 template <typename Count, int kVecs>
 bool ssa_step(const float* q, const float* k, const float* v, float scale, float tau, float v_threshold,
               Work<Count, kVecs>& w, uint64_t* const* bits, const char* const* next, int64_t row_bytes, float* out);
-
-// fp16/bf16/fp64 tiles go through float buffers (resized to n on first use); fp32 ones do not.
-template <typename scalar_t>
-const float* tile_as_float(const scalar_t* src, int64_t n, std::vector<float>& buf);
-template <typename scalar_t>
-float* spikes_out(scalar_t* dst, int64_t n, std::vector<float>& buf);
-template <typename scalar_t>
-void store_spikes(scalar_t* dst, const std::vector<float>& buf);
 
 }  // namespace
 
@@ -96,12 +89,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
             if (next_tile >= 0) next[i] = reinterpret_cast<const char*>(inputs[i] + next_tile * N * d);
             bits[i] = save_packed ? saved[i] + tile * N * Wd : w.packed[i].data();
           }
-          bad |= ssa_step(tile_as_float(inputs[0] + off, N * d, w.q), tile_as_float(inputs[1] + off, N * d, w.k),
-                          tile_as_float(inputs[2] + off, N * d, w.v), static_cast<float>(scale),
+          bad |= ssa_step(as_float(inputs[0] + off, N * d, w.q), as_float(inputs[1] + off, N * d, w.k),
+                          as_float(inputs[2] + off, N * d, w.v), static_cast<float>(scale),
                           static_cast<float>(tau), static_cast<float>(v_threshold), w, bits,
                           next_tile >= 0 ? next : nullptr, d * static_cast<int64_t>(sizeof(scalar_t)),
-                          spikes_out(op + off, N * d, w.spikes));
-          store_spikes(op + off, w.spikes);
+                          float_out(op + off, N * d, w.spikes));
+          store_floats(op + off, w.spikes.data(), N * d);
         }
         if (bad) bad_any.store(true, std::memory_order_relaxed);
       });
@@ -124,7 +117,6 @@ template <typename Count>
 struct Lanes {
   static constexpr int64_t kWidth = 32 / sizeof(Count);
   typedef Count Vec __attribute__((vector_size(32)));
-  typedef float Floats __attribute__((vector_size(4 * kWidth)));  // the same lanes as float
 };
 
 template <typename Count, int kVecs>
@@ -194,6 +186,44 @@ inline void lif_row(const float* y, int64_t n, float scale, LifConsts c, float* 
   }
 }
 
+// lif_row for 8 columns at once, their inputs y already floats. The 32-byte vectors are single
+// AVX2 registers in the x86-64-v3 clone (GCC splits wider vector-extension types poorly: a
+// convert + store of 16 lanes went through the stack, lane by lane).
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef int32_t Ints8 __attribute__((vector_size(32)));
+typedef int16_t Shorts8 __attribute__((vector_size(16)));
+
+// inv_tau: 1 / tau when that is exact (tau a power of two: then x * inv_tau rounds as x / tau,
+// both being the correctly rounded x 2^-k), else 0 for "divide" (a vector divide costs ~4 adds).
+inline __attribute__((always_inline)) void lif8(Floats8 y, float scale, LifConsts c, float inv_tau, float* vm,
+                                                float* o) {
+  const Floats8 x = y * scale;
+  Floats8 v;
+  __builtin_memcpy(&v, vm, sizeof(v));
+  const Floats8 charge = x - (v - c.v_reset);
+  const Floats8 h = v + (inv_tau != 0.0f ? charge * inv_tau : charge / c.tau);  // lif_charge<true>
+  const Ints8 fire = (h - c.v_threshold) >= 0.0f;       // lif_fire
+  const Floats8 zero = Floats8{}, one = zero + 1.0f;
+  const Floats8 reset = fire ? c.v_reset + 0.0f * h : h;  // lif_reset<true>
+  const Floats8 spikes = fire ? one : zero;
+  __builtin_memcpy(vm, &reset, sizeof(reset));
+  __builtin_memcpy(o, &spikes, sizeof(spikes));
+}
+
+// lif_row for the kWidth columns whose inputs are the Count lanes y.
+template <typename Count>
+inline __attribute__((always_inline)) void lif_lanes(typename Lanes<Count>::Vec y, float scale, LifConsts c,
+                                                     float inv_tau, float* vm, float* o) {
+  if constexpr (sizeof(Count) == 2) {  // 16 int16 lanes: two halves of 8
+    Shorts8 half[2];
+    __builtin_memcpy(half, &y, sizeof(half));
+    lif8(__builtin_convertvector(half[0], Floats8), scale, c, inv_tau, vm, o);
+    lif8(__builtin_convertvector(half[1], Floats8), scale, c, inv_tau, vm + 8, o + 8);
+  } else {
+    lif8(__builtin_convertvector(y, Floats8), scale, c, inv_tau, vm, o);
+  }
+}
+
 template <typename Count, int kVecs>
 SPIKEOPS_SIMD_CLONES
 bool ssa_step(const float* q, const float* k, const float* v, float scale, float tau, float v_threshold,
@@ -202,6 +232,8 @@ bool ssa_step(const float* q, const float* k, const float* v, float scale, float
   constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N);
   const LifConsts c{tau, v_threshold, 0.0f};  // v_reset 0 known here: "V - v_reset" folds away
+  int exponent;
+  const float inv_tau = std::frexp(tau, &exponent) == 0.5f ? 1.0f / tau : 0.0f;
   const uint64_t *qb = bits[0], *kb = bits[1], *vb = bits[2];
   const bool bad = pack_rows(q, N, d, bits[0]) | pack_rows(k, N, d, bits[1]) | pack_rows(v, N, d, bits[2]);
 
@@ -240,44 +272,19 @@ bool ssa_step(const float* q, const float* k, const float* v, float scale, float
     for (int64_t b = 0; b < w.blocks; ++b) {
       Vec acc[kVecs];
       sum_rows<kVecs>(qb + n * Wd, Wd, w.kv.data() + b * d * kCols, acc);
-      float y[kCols];  // exact below 2^24, as the reference's fp32 products
-      for (int i = 0; i < kVecs; ++i) {
-        const auto lanes = __builtin_convertvector(acc[i], typename Lanes<Count>::Floats);
-        __builtin_memcpy(y + i * kWidth, &lanes, sizeof(lanes));
+      for (int i = 0; i < kVecs; ++i) {  // y is exact below 2^24, as the reference's fp32 products
+        const int64_t j = b * kCols + i * kWidth;
+        if (j + kWidth <= d) {
+          lif_lanes<Count>(acc[i], scale, c, inv_tau, w.vmem.data() + n * d + j, out + n * d + j);
+        } else if (j < d) {  // the last columns, when kWidth does not divide d
+          float y[kWidth];
+          for (int64_t l = 0; l < kWidth; ++l) y[l] = static_cast<float>(acc[i][l]);
+          lif_row(y, d - j, scale, c, w.vmem.data() + n * d + j, out + n * d + j);
+        }
       }
-      const int64_t j0 = b * kCols;
-      lif_row(y, std::min(kCols, d - j0), scale, c, w.vmem.data() + n * d + j0, out + n * d + j0);
     }
   }
   return bad;
-}
-
-template <typename scalar_t>
-const float* tile_as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    buf.resize(n);
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf.data();
-  }
-}
-
-template <typename scalar_t>
-float* spikes_out(scalar_t* dst, int64_t n, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return dst;
-  } else {
-    buf.resize(n);
-    return buf.data();
-  }
-}
-
-template <typename scalar_t>
-void store_spikes(scalar_t* dst, const std::vector<float>& buf) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    for (size_t i = 0; i < buf.size(); ++i) dst[i] = static_cast<scalar_t>(buf[i]);
-  }
 }
 
 }  // namespace

@@ -20,12 +20,12 @@
 #include <algorithm>
 #include <atomic>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
 #include "bits.h"
 #include "dynamic_for.h"
+#include "float_staging.h"
 #include "lif_math.h"
 
 namespace spikeops {
@@ -61,14 +61,6 @@ bool token_rows_forward(const float* q, const float* p, const float* k, int64_t 
 void token_rows_backward(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
                          float v_threshold, Scratch& s, float* grad_s, float* grad_k);
 
-// fp16/bf16/fp64 rows go through float buffers; fp32 ones do not.
-template <typename scalar_t>
-const float* rows_as_float(const scalar_t* src, int64_t count, std::vector<float>& buf);
-template <typename scalar_t>
-float* rows_out(scalar_t* dst, int64_t count, std::vector<float>& buf);
-template <typename scalar_t>
-void store_rows(scalar_t* dst, const float* src, int64_t count);
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
@@ -98,12 +90,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
       bool bad = false;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
-        float* o = rows_out(op + off, count, s.out);
-        bad |= token_rows_forward(rows_as_float(qp + off, count, s.in[0]),
-                                  pp ? rows_as_float(pp + off, count, s.in[1]) : nullptr,
-                                  rows_as_float(kp + off, count, s.in[2]), rows, d, static_cast<float>(tau),
+        float* o = float_out(op + off, count, s.out);
+        bad |= token_rows_forward(as_float(qp + off, count, s.in[0]),
+                                  pp ? as_float(pp + off, count, s.in[1]) : nullptr,
+                                  as_float(kp + off, count, s.in[2]), rows, d, static_cast<float>(tau),
                                   static_cast<float>(v_threshold), s, hp ? hp + row0 : s.h.data(), kw + row0 * Wd, o);
-        store_rows(op + off, o, count);
+        store_floats(op + off, o, count);
       }
       if (bad) bad_any.store(true, std::memory_order_relaxed);
     });
@@ -136,10 +128,10 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
       std::fill(s.state.begin(), s.state.end(), 0.0f);
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
-        float* gk = rows_out(gkp + off, count, s.out);
-        token_rows_backward(rows_as_float(gp + off, count, s.in[0]), kw + row0 * Wd, hp + row0, rows, d,
+        float* gk = float_out(gkp + off, count, s.out);
+        token_rows_backward(as_float(gp + off, count, s.in[0]), kw + row0 * Wd, hp + row0, rows, d,
                             static_cast<float>(tau), static_cast<float>(v_threshold), s, gsp + row0, gk);
-        store_rows(gkp + off, gk, count);
+        store_floats(gkp + off, gk, count);
       }
     });
   });
@@ -256,34 +248,6 @@ void token_rows_backward(const float* g, const uint64_t* k_words, const float* h
       const float ar = s.a[r];
       for (int64_t j = 0; j < d; ++j) grad_k[r * d + j] = ar * g[r * d + j];
     }
-  }
-}
-
-template <typename scalar_t>
-const float* rows_as_float(const scalar_t* src, int64_t count, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    buf.resize(count);
-    for (int64_t i = 0; i < count; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf.data();
-  }
-}
-
-template <typename scalar_t>
-float* rows_out(scalar_t* dst, int64_t count, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return dst;
-  } else {
-    buf.resize(count);
-    return buf.data();
-  }
-}
-
-template <typename scalar_t>
-void store_rows(scalar_t* dst, const float* src, int64_t count) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }
 }
 

@@ -29,17 +29,22 @@ ATTN_SURROGATE, ATTN_ALPHA = "sigmoid", 4.0
 TRITON_MAX_ND = 2**31 - 2**16  # the Triton kernel's offsets inside one (t, head) slice are int32
 
 
-@torch.library.custom_op("spikeops::ssa_forward", mutates_args=())
-def _ssa_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, v_threshold: float, tau: float,
-    save_packed: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend):
     """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v packed along d [T, BH, N, ceil(d/64)] or empty)."""
     out, qw, kw, vw, binary = _backend.kernel("ssa", "ssa_forward", backend)(q, k, v, scale, v_threshold, tau, save_packed)
     if not binary:  # name the culprit (error path only)
         check_binary("ssa", (("q", q), ("k", k), ("v", v)))
         raise ValueError("ssa: q, k and v must hold only 0 and 1 (spikes)")
     return out, qw, kw, vw
+
+
+@torch.library.custom_op("spikeops::ssa_forward", mutates_args=())
+def _ssa_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, v_threshold: float, tau: float,
+    save_packed: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel as a custom op (autograd, torch.compile); see _run_kernel."""
+    return _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend)
 
 
 @_ssa_forward.register_fake
@@ -122,6 +127,9 @@ def ssa(
         return reference.ssa(q, k, v, scale, v_threshold, tau)
     T, B, H, N, d = q.shape
     flat = [x.contiguous().view(T, B * H, N, d) for x in (q, k, v)]
-    save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    out = _ssa_forward(*flat, scale, v_threshold, tau, save, chosen)[0]
+    if _backend.direct_call_ok(q, k, v):  # inference: skip the op dispatch
+        out = _run_kernel(*flat, scale, v_threshold, tau, False, chosen)[0]
+    else:
+        save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        out = _ssa_forward(*flat, scale, v_threshold, tau, save, chosen)[0]
     return out.view(T, B, H, N, d)
