@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_spikes", &spikeops::cpu::pack_spikes, "pack 0/1 values into int64 words");
   m.def("spike_matmul_packed", &spikeops::cpu::spike_matmul_packed, "AND+popcount matmul of packed spikes");
   m.def("ssa_forward", &spikeops::cpu::ssa_forward, "fused spiking self-attention forward");
+  m.def("ssa_backward", &spikeops::cpu::ssa_backward, "fused spiking self-attention backward");
   m.def("token_attention_forward", &spikeops::cpu::token_attention_forward, "fused token attention forward");
   m.def("token_attention_backward", &spikeops::cpu::token_attention_backward, "fused token attention backward");
   m.def("unpack_spikes", &spikeops::cpu::unpack_spikes, "unpack int64 words into 0/1 values");

@@ -40,6 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
     double v_threshold, double tau, bool save_packed);
 
+// Fused SSA backward: grad [T, BH, N, d] contiguous (any float dtype), q, k, v words from ssa_forward
+// -> (dq, dk, dv) fp32 [T, BH, N, d] (the attention neuron: sigmoid surrogate alpha 4, detach_reset).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssa_backward(
+    const at::Tensor& grad, const at::Tensor& q_words, const at::Tensor& k_words, const at::Tensor& v_words,
+    double scale, double v_threshold, double tau);
+
 // Token attention: q, k (, p) [T, BH, N, d] contiguous 0/1 -> (out = LIF(sum_c q (+ sum_c p)) * k,
 // the attention neuron's H [T, BH, N] fp32 and k packed along d [T*BH*N, ceil(d/64)] int64 when
 // save (else empty), all inputs were 0/1).

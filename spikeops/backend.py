@@ -112,6 +112,16 @@ def direct_call_ok(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
+def has_kernel(op: str, fn: str, backend: str) -> bool:
+    """True when ``backend`` has the raw kernel ``fn`` of ``op`` (see :func:`kernel`); ops use it
+    for kernels that only some backends have, falling back to a composite of the others."""
+    if backend == "cpp":
+        return hasattr(_cpp, fn)
+    if backend == "triton":
+        return hasattr(importlib.import_module(f"spikeops.triton.{op}"), fn)
+    return False
+
+
 def kernel(op: str, fn: str, backend: str):
     """The raw kernel ``fn`` of ``op`` on ``backend``: ``spikeops._C.<fn>`` (C++) or
     ``spikeops.triton.<op>.<fn>`` (Triton). Both backends use the same names and arguments."""

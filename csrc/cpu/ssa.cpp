@@ -13,6 +13,13 @@
 // The sums are exact integer lanes, int16 when every count fits (N d <= 32767: K^T V <= N,
 // Y <= d N), else int32, accumulated in registers over blocks of up to 4 vectors of columns.
 // While step 3 runs, the next step's q, k, v rows are prefetched (reading them bounds the op).
+//
+// Backward (ssa_backward), from the packed q, k, v that forward saved and dL/dS, per (batch, head):
+// steps 2-3 again over t = 0..T-1, keeping H [T, N, d] and (K^T V)^T [T, d, d] as floats; then
+// t = T-1..0: G = scale * LIF backward (sigmoid surrogate, alpha 4, detach_reset; lif_math.h),
+//   dQ = G (K^T V)^T          dense [N, d] x [d, d]
+//   dA = Q^T G                 the G rows summed over Q's spikes      (dA = dL/d(K^T V) [d, d])
+//   dK = V dA^T, dV = K dA     the dA^T / dA rows summed over V's / K's spikes
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -42,12 +49,23 @@ struct Work;
 template <typename F>
 void with_layout(int64_t N, int64_t d, F&& f);
 
-// One step of one (batch, head) in float: steps 1-3 above. bits[3]: where the packed rows of q, k,
-// v go; next[3]: the next step's inputs (rows of row_bytes) to prefetch, or nullptr. Returns
-// true if a value of q, k or v was not 0/1.
+// Step 2 above: w.kv = K^T V from the packed rows of K and V [N, Wd].
 template <typename Count, int kVecs>
-bool ssa_step(const float* q, const float* k, const float* v, float scale, float tau, float v_threshold,
-              Work<Count, kVecs>& w, uint64_t* const* bits, const char* const* next, int64_t row_bytes, float* out);
+void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>& w);
+
+// Step 3 above, after key_value_counts: one neuron step (potential w.vmem) on Y = Q (K^T V),
+// writing the spikes to out [N, d], or with kKeepH the neuron's H instead. next[3]: inputs
+// (rows of row_bytes) to prefetch meanwhile, or nullptr.
+template <bool kKeepH, typename Count, int kVecs>
+void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Count, kVecs>& w,
+                           const char* const* next, int64_t row_bytes, float* out);
+
+// Backward of one (batch, head) over all steps (see the top of the file): bits[3][T] the packed
+// q, k, v rows of each step, grad [T, N, d], outputs dq, dk, dv [T, N, d] (item strides apart).
+template <typename Count, int kVecs>
+void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const float* grad,
+                       int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, float* dq, float* dk,
+                       float* dv);
 
 }  // namespace
 
@@ -74,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
       const at::Tensor* words[3] = {&qw, &kw, &vw};
       for (int i = 0; i < 3; ++i) saved[i] = reinterpret_cast<uint64_t*>(words[i]->mutable_data_ptr<int64_t>());
     }
+    const LifConsts lif{static_cast<float>(tau), static_cast<float>(v_threshold), 0.0f};
     with_layout(N, d, [&](auto count, auto vecs) {
       using W = Work<decltype(count), decltype(vecs)::value>;
       for_each_item(BH, [&] { return W(N, d); }, [&](W& w, int64_t bh, int64_t next_bh) {
@@ -89,11 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
             if (next_tile >= 0) next[i] = reinterpret_cast<const char*>(inputs[i] + next_tile * N * d);
             bits[i] = save_packed ? saved[i] + tile * N * Wd : w.packed[i].data();
           }
-          bad |= ssa_step(as_float(inputs[0] + off, N * d, w.q), as_float(inputs[1] + off, N * d, w.k),
-                          as_float(inputs[2] + off, N * d, w.v), static_cast<float>(scale),
-                          static_cast<float>(tau), static_cast<float>(v_threshold), w, bits,
-                          next_tile >= 0 ? next : nullptr, d * static_cast<int64_t>(sizeof(scalar_t)),
-                          float_out(op + off, N * d, w.spikes));
+          // step 1: pack (and check) the rows of q, k, v
+          bad |= pack_rows(as_float(inputs[0] + off, N * d, w.q), N, d, bits[0]) |
+                  pack_rows(as_float(inputs[1] + off, N * d, w.k), N, d, bits[1]) |
+                  pack_rows(as_float(inputs[2] + off, N * d, w.v), N, d, bits[2]);
+          key_value_counts(bits[1], bits[2], w);
+          attention_neuron_step<false>(bits[0], static_cast<float>(scale), lif, w, next_tile >= 0 ? next : nullptr,
+                                       d * static_cast<int64_t>(sizeof(scalar_t)), float_out(op + off, N * d, w.spikes));
           store_floats(op + off, w.spikes.data(), N * d);
         }
         if (bad) bad_any.store(true, std::memory_order_relaxed);
@@ -101,6 +122,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
     });
   });
   return {out, qw, kw, vw, !bad_any.load()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssa_backward(
+    const at::Tensor& grad, const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& vw, double scale,
+    double v_threshold, double tau) {
+  TORCH_CHECK(grad.dim() == 4 && grad.is_contiguous(), "ssa_backward: grad must be a contiguous [T, BH, N, d]");
+  const int64_t T = grad.size(0), BH = grad.size(1), N = grad.size(2), d = grad.size(3), Wd = words_for(d);
+  for (const at::Tensor* words : {&qw, &kw, &vw}) {
+    TORCH_CHECK(words->sizes() == at::IntArrayRef({T, BH, N, Wd}) && words->is_contiguous() &&
+                    words->scalar_type() == at::kLong,
+                "ssa_backward: the saved words must be contiguous int64 [T, BH, N, ceil(d / 64)]");
+  }
+  auto opts = grad.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty({T, BH, N, d}, opts), dk = at::empty({T, BH, N, d}, opts), dv = at::empty({T, BH, N, d}, opts);
+  const at::Tensor g = grad.to(at::kFloat);  // fp16/bf16 grads: one float copy
+  const float* gp = g.const_data_ptr<float>();
+  const uint64_t* words[3] = {reinterpret_cast<const uint64_t*>(qw.const_data_ptr<int64_t>()),
+                              reinterpret_cast<const uint64_t*>(kw.const_data_ptr<int64_t>()),
+                              reinterpret_cast<const uint64_t*>(vw.const_data_ptr<int64_t>())};
+  const LifConsts lif{static_cast<float>(tau), static_cast<float>(v_threshold), 0.0f};
+  with_layout(N, d, [&](auto count, auto vecs) {
+    using W = Work<decltype(count), decltype(vecs)::value>;
+    for_each_item(BH, [&] { return W(N, d, T); }, [&](W& w, int64_t bh, int64_t) {
+      const uint64_t* bits[3] = {words[0] + bh * N * Wd, words[1] + bh * N * Wd, words[2] + bh * N * Wd};
+      const int64_t off = bh * N * d;
+      ssa_backward_item(bits, T, BH * N * Wd, gp + off, BH * N * d, static_cast<float>(scale), lif, w,
+                        dq.mutable_data_ptr<float>() + off, dk.mutable_data_ptr<float>() + off,
+                        dv.mutable_data_ptr<float>() + off);
+    });
+  });
+  return {dq, dk, dv};
 }
 
 namespace {
@@ -122,10 +174,13 @@ struct Lanes {
 template <typename Count, int kVecs>
 struct Work {
   static constexpr int64_t kCols = kVecs * Lanes<Count>::kWidth;  // columns per block
-  Work(int64_t N, int64_t d)
+  // steps: > 0 for backward (H and (K^T V)^T of every step, G, dA, dA^T, dL/dV)
+  Work(int64_t N, int64_t d, int64_t steps = 0)
       : N(N), d(d), blocks((d + kCols - 1) / kCols), vmem(N * d), kcol(d * words_for(N)),
-        vlanes(blocks * N * kCols), kv(blocks * d * kCols) {
-    for (auto& p : packed) p.resize(N * words_for(d));
+        vlanes(blocks * N * kCols), kv(blocks * d * kCols), h(steps * N * d), kv_t(steps * d * d),
+        g(steps ? N * d : 0), da(steps ? d * d : 0), da_t(steps ? d * d : 0), gv(steps ? N * d : 0) {
+    if (!steps)
+      for (auto& p : packed) p.resize(N * words_for(d));
   }
   int64_t N, d, blocks;
   std::vector<float> vmem;            // attention neuron potential [N, d]
@@ -134,6 +189,8 @@ struct Work {
   std::vector<Count> vlanes;          // V rows as 0/1 lanes [blocks, N, kCols]
   std::vector<Count> kv;              // K^T V [blocks, d, kCols]
   std::vector<float> q, k, v, spikes; // float copies of fp16/bf16/fp64 tiles [N, d]
+  std::vector<float> h, kv_t;         // backward: H [T, N, d], (K^T V)^T [T, d, d]
+  std::vector<float> g, da, da_t, gv; // backward: G [N, d], dA, dA^T [d, d], dL/dV [N, d]
 };
 
 template <typename F>
@@ -176,13 +233,15 @@ inline __attribute__((always_inline)) void sum_rows(const uint64_t* bits, int64_
   });
 }
 
-// The neuron over n columns of one row: H = V + (scale * y - V) / tau, spike, hard reset.
+// The neuron over n columns of one row: H = V + (scale * y - V) / tau, spike, hard reset; o
+// gets the spikes, or with kKeepH H.
+template <bool kKeepH>
 inline void lif_row(const float* y, int64_t n, float scale, LifConsts c, float* vm, float* o) {
   for (int64_t j = 0; j < n; ++j) {
     const float h = lif_charge<true>(vm[j], y[j] * scale, c);
     const bool fire = lif_fire(h, c);
     vm[j] = lif_reset<true>(h, fire, c);
-    o[j] = fire ? 1.0f : 0.0f;
+    o[j] = kKeepH ? h : (fire ? 1.0f : 0.0f);
   }
 }
 
@@ -195,6 +254,7 @@ typedef int16_t Shorts8 __attribute__((vector_size(16)));
 
 // inv_tau: 1 / tau when that is exact (tau a power of two: then x * inv_tau rounds as x / tau,
 // both being the correctly rounded x 2^-k), else 0 for "divide" (a vector divide costs ~4 adds).
+template <bool kKeepH>
 inline __attribute__((always_inline)) void lif8(Floats8 y, float scale, LifConsts c, float inv_tau, float* vm,
                                                 float* o) {
   const Floats8 x = y * scale;
@@ -207,36 +267,29 @@ inline __attribute__((always_inline)) void lif8(Floats8 y, float scale, LifConst
   const Floats8 reset = fire ? c.v_reset + 0.0f * h : h;  // lif_reset<true>
   const Floats8 spikes = fire ? one : zero;
   __builtin_memcpy(vm, &reset, sizeof(reset));
-  __builtin_memcpy(o, &spikes, sizeof(spikes));
+  __builtin_memcpy(o, kKeepH ? &h : &spikes, sizeof(spikes));
 }
 
 // lif_row for the kWidth columns whose inputs are the Count lanes y.
-template <typename Count>
+template <bool kKeepH, typename Count>
 inline __attribute__((always_inline)) void lif_lanes(typename Lanes<Count>::Vec y, float scale, LifConsts c,
                                                      float inv_tau, float* vm, float* o) {
   if constexpr (sizeof(Count) == 2) {  // 16 int16 lanes: two halves of 8
     Shorts8 half[2];
     __builtin_memcpy(half, &y, sizeof(half));
-    lif8(__builtin_convertvector(half[0], Floats8), scale, c, inv_tau, vm, o);
-    lif8(__builtin_convertvector(half[1], Floats8), scale, c, inv_tau, vm + 8, o + 8);
+    lif8<kKeepH>(__builtin_convertvector(half[0], Floats8), scale, c, inv_tau, vm, o);
+    lif8<kKeepH>(__builtin_convertvector(half[1], Floats8), scale, c, inv_tau, vm + 8, o + 8);
   } else {
-    lif8(__builtin_convertvector(y, Floats8), scale, c, inv_tau, vm, o);
+    lif8<kKeepH>(__builtin_convertvector(y, Floats8), scale, c, inv_tau, vm, o);
   }
 }
 
 template <typename Count, int kVecs>
 SPIKEOPS_SIMD_CLONES
-bool ssa_step(const float* q, const float* k, const float* v, float scale, float tau, float v_threshold,
-              Work<Count, kVecs>& w, uint64_t* const* bits, const char* const* next, int64_t row_bytes, float* out) {
+void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>& w) {
   using Vec = typename Lanes<Count>::Vec;
   constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N);
-  const LifConsts c{tau, v_threshold, 0.0f};  // v_reset 0 known here: "V - v_reset" folds away
-  int exponent;
-  const float inv_tau = std::frexp(tau, &exponent) == 0.5f ? 1.0f / tau : 0.0f;
-  const uint64_t *qb = bits[0], *kb = bits[1], *vb = bits[2];
-  const bool bad = pack_rows(q, N, d, bits[0]) | pack_rows(k, N, d, bits[1]) | pack_rows(v, N, d, bits[2]);
-
   Vec lane_bit;  // V's bits -> 0/1 lanes: each lane tests its bit of a broadcast chunk
   for (int64_t i = 0; i < kWidth; ++i) lane_bit[i] = static_cast<Count>(1u << i);
   for (int64_t b = 0; b < w.blocks; ++b) {
@@ -264,6 +317,17 @@ bool ssa_step(const float* q, const float* k, const float* v, float scale, float
       __builtin_memcpy(w.kv.data() + (b * d + ch) * kCols, acc, sizeof(acc));
     }
   }
+}
+
+template <bool kKeepH, typename Count, int kVecs>
+SPIKEOPS_SIMD_CLONES
+void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Count, kVecs>& w,
+                           const char* const* next, int64_t row_bytes, float* out) {
+  using Vec = typename Lanes<Count>::Vec;
+  constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
+  const int64_t N = w.N, d = w.d, Wd = words_for(d);
+  int exponent;
+  const float inv_tau = std::frexp(c.tau, &exponent) == 0.5f ? 1.0f / c.tau : 0.0f;
   for (int64_t n = 0; n < N; ++n) {
     if (next) {
       for (int i = 0; i < 3; ++i)
@@ -275,16 +339,82 @@ bool ssa_step(const float* q, const float* k, const float* v, float scale, float
       for (int i = 0; i < kVecs; ++i) {  // y is exact below 2^24, as the reference's fp32 products
         const int64_t j = b * kCols + i * kWidth;
         if (j + kWidth <= d) {
-          lif_lanes<Count>(acc[i], scale, c, inv_tau, w.vmem.data() + n * d + j, out + n * d + j);
+          lif_lanes<kKeepH, Count>(acc[i], scale, c, inv_tau, w.vmem.data() + n * d + j, out + n * d + j);
         } else if (j < d) {  // the last columns, when kWidth does not divide d
           float y[kWidth];
           for (int64_t l = 0; l < kWidth; ++l) y[l] = static_cast<float>(acc[i][l]);
-          lif_row(y, d - j, scale, c, w.vmem.data() + n * d + j, out + n * d + j);
+          lif_row<kKeepH>(y, d - j, scale, c, w.vmem.data() + n * d + j, out + n * d + j);
         }
       }
     }
   }
-  return bad;
+}
+
+// out[r, :] += the rows rows[i, :] (row length d, stride d) over the set bits i of bits[r] (W words).
+inline void add_rows_at_bits(const uint64_t* bits, int64_t R, int64_t W, const float* rows, int64_t d, float* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* o = out + r * d;
+    for_each_bit(bits + r * W, W, [&](int64_t i) {
+      const float* src = rows + i * d;
+      for (int64_t j = 0; j < d; ++j) o[j] += src[j];
+    });
+  }
+}
+
+template <typename Count, int kVecs>
+SPIKEOPS_SIMD_CLONES
+void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const float* grad,
+                       int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, float* dq, float* dk,
+                       float* dv) {
+  constexpr int64_t kCols = Work<Count, kVecs>::kCols;
+  const int64_t N = w.N, d = w.d, Wd = words_for(d);
+  std::fill(w.vmem.begin(), w.vmem.end(), 0.0f);
+  for (int64_t t = 0; t < T; ++t) {  // the forward again: H and (K^T V)^T of each step
+    const int64_t ws = t * step_words;
+    key_value_counts(bits[1] + ws, bits[2] + ws, w);
+    float* kv_t = w.kv_t.data() + t * d * d;
+    for (int64_t ch = 0; ch < d; ++ch)
+      for (int64_t j = 0; j < d; ++j) kv_t[j * d + ch] = static_cast<float>(w.kv[((j / kCols) * d + ch) * kCols + j % kCols]);
+    attention_neuron_step<true>(bits[0] + ws, scale, c, w, nullptr, 0, w.h.data() + t * N * d);
+  }
+  float* g = w.g.data();
+  float* gv = w.gv.data();
+  std::fill(w.gv.begin(), w.gv.end(), 0.0f);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float* gs = grad + t * step_stride;
+    const float* h = w.h.data() + t * N * d;
+    for (int64_t e = 0; e < N * d; ++e) {  // G = scale * dL/dY (lif.cpp's backward step)
+      const float dist = lif_distance(h[e], c);
+      g[e] = scale * lif_grad_step<true, true>(dist, surrogate_grad<kSigmoid>(dist, 4.0f), gs[e], gv[e], c, true);
+    }
+    const int64_t ws = t * step_words, os = t * step_stride;
+    const float* kv_t = w.kv_t.data() + t * d * d;
+    float* dq_t = dq + os;
+    for (int64_t n = 0; n < N; ++n) {  // dQ = G (K^T V)^T
+      float* o = dq_t + n * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t j = 0; j < d; ++j) {
+        const float gj = g[n * d + j];
+        const float* row = kv_t + j * d;
+        for (int64_t ch = 0; ch < d; ++ch) o[ch] += gj * row[ch];
+      }
+    }
+    std::fill(w.da.begin(), w.da.end(), 0.0f);  // dA = Q^T G: row c sums the G rows where Q[:, c] spikes
+    const uint64_t* qb = bits[0] + ws;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* gn = g + n * d;
+      for_each_bit(qb + n * Wd, Wd, [&](int64_t ch) {
+        float* o = w.da.data() + ch * d;
+        for (int64_t j = 0; j < d; ++j) o[j] += gn[j];
+      });
+    }
+    for (int64_t ch = 0; ch < d; ++ch)
+      for (int64_t j = 0; j < d; ++j) w.da_t[j * d + ch] = w.da[ch * d + j];
+    std::fill(dk + os, dk + os + N * d, 0.0f);
+    std::fill(dv + os, dv + os + N * d, 0.0f);
+    add_rows_at_bits(bits[2] + ws, N, Wd, w.da_t.data(), d, dk + os);  // dK = V dA^T
+    add_rows_at_bits(bits[1] + ws, N, Wd, w.da.data(), d, dv + os);    // dV = K dA
+  }
 }
 
 }  // namespace

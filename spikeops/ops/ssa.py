@@ -12,8 +12,10 @@ map; the Triton kernel takes ``(Q K^T) V`` when ``N <= d``); the scale is applie
 spikes equal the reference bit for bit.
 
 Backward saves q, k, v bit-packed (1 bit per spike, 1/32 of fp32) and recomputes Y from them
-exactly, runs the fused LIF backward (surrogate) to get dL/dY, then the float products:
-``dQ = s dY (K^T V)^T``, ``dA = s Q^T dY``, ``dK = V dA^T``, ``dV = K dA``.
+exactly, runs the LIF backward (surrogate) to get dL/dY, then the float products:
+``dQ = s dY (K^T V)^T``, ``dA = s Q^T dY``, ``dK = V dA^T``, ``dV = K dA``. The C++ backend does
+all of it in one kernel over the bits (sums of rows at the spikes); Triton composes unpack, the
+LIF kernels and matmuls.
 """
 from __future__ import annotations
 
@@ -55,6 +57,20 @@ def _(q, k, v, scale, v_threshold, tau, save_packed, backend):
     return (torch.empty_like(q), *words)
 
 
+@torch.library.custom_op("spikeops::ssa_backward", mutates_args=())
+def _ssa_backward_fused(
+    grad: torch.Tensor, qw: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, scale: float, v_threshold: float,
+    tau: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad [T, BH, N, d] contiguous, the words saved by forward -> dq, dk, dv fp32 [T, BH, N, d]."""
+    return _backend.kernel("ssa", "ssa_backward", backend)(grad, qw, kw, vw, scale, v_threshold, tau)
+
+
+@_ssa_backward_fused.register_fake
+def _(grad, qw, kw, vw, scale, v_threshold, tau, backend):
+    return tuple(torch.empty(grad.shape, dtype=torch.float32, device=grad.device) for _ in range(3))
+
+
 def _setup_context(ctx, inputs, output):
     q, _, _, scale, v_threshold, tau, _, backend = inputs
     ctx.save_for_backward(*output[1:])
@@ -71,6 +87,9 @@ def _backward(ctx, grad, *_):
     if qw.numel() == 0:
         raise RuntimeError("spikeops.ssa: backward through a forward that ran without grad enabled for q, k, v")
     scale, v_threshold, tau, backend = ctx.params
+    if _backend.has_kernel("ssa", "ssa_backward", backend):
+        grads = _ssa_backward_fused(grad.contiguous(), qw, kw, vw, scale, v_threshold, tau, backend)
+        return (*(g.to(ctx.dtype) for g in grads), None, None, None, None, None)
     T, BH, N, d = ctx.shape
     q, k, v = (_unpack(w.view(-1, w.shape[-1]), d, torch.float32, backend).view(T, BH, N, d) for w in (qw, kw, vw))
     kv = k.transpose(-2, -1) @ v                       # [T, BH, d, d], exact integers
