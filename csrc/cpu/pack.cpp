@@ -1,7 +1,7 @@
 // Bit-packing of spikes on the CPU (semantics: spikeops/reference.py, pack_spikes/unpack_spikes).
 // pack:   x [R, n] (0./1. floats) -> words [R, ceil(n/64)] int64, bit j of word w = x[r, 64w + j];
 //         also reports whether any element was neither 0 nor 1.
-// unpack: words [R, W] int64 -> [R, n] 0./1. in the requested dtype.
+// unpack: words [R, W] int64 -> [R, n] 0./1. in the requested dtype (AVX2 where the CPU has it).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,6 +31,44 @@ bool pack_row(const scalar_t* row, int64_t n, uint64_t* words, float* buf) {
 }
 
 bool pack_row(const float* row, int64_t n, uint64_t* words, float*) { return pack_bits(row, n, words); }
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPIKEOPS_UNPACK_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SPIKEOPS_UNPACK_CLONES
+#endif
+
+// The low m bits of `bits` as 0./1. values into dst, for a dtype whose 1.0 has the bit pattern
+// `one` in a Bits-sized integer: each lane of a 32-byte vector tests its bit of a broadcast chunk
+// (8 fp32 or 16 fp16/bf16 values per vector), then keeps `one` or 0.
+template <typename Bits>
+SPIKEOPS_UNPACK_CLONES
+void unpack_word(uint64_t bits, int64_t m, Bits one, Bits* dst) {
+  constexpr int kLanes = 32 / sizeof(Bits);
+  typedef Bits Vec __attribute__((vector_size(32)));
+  Vec lane_bit;
+  for (int i = 0; i < kLanes; ++i) lane_bit[i] = static_cast<Bits>(1u << i);
+  int64_t j = 0;
+  for (; j + kLanes <= m; j += kLanes) {
+    const Vec chunk = Vec{} + static_cast<Bits>(bits >> j);
+    const Vec v = reinterpret_cast<Vec>((chunk & lane_bit) != 0) & (Vec{} + one);
+    __builtin_memcpy(dst + j, &v, sizeof(v));
+  }
+  for (; j < m; ++j) dst[j] = ((bits >> j) & 1u) ? one : Bits{0};
+}
+
+template <typename scalar_t>
+void unpack_word(uint64_t bits, int64_t m, scalar_t* dst) {
+  if constexpr (sizeof(scalar_t) == 4 || sizeof(scalar_t) == 2) {
+    using Bits = std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint16_t>;
+    const scalar_t one_value(1.0f);
+    Bits one;
+    std::memcpy(&one, &one_value, sizeof(one));
+    unpack_word<Bits>(bits, m, one, reinterpret_cast<Bits*>(dst));
+  } else {
+    for (int64_t j = 0; j < m; ++j) dst[j] = ((bits >> j) & 1u) ? scalar_t(1.0f) : scalar_t(0.0f);
+  }
+}
 
 }  // namespace
 
@@ -63,14 +101,10 @@ at::Tensor unpack_spikes(const at::Tensor& words, int64_t n, at::ScalarType dtyp
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "unpack_spikes", [&] {
     const uint64_t* wp = reinterpret_cast<const uint64_t*>(words.const_data_ptr<int64_t>());
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const scalar_t one(1.0f), zero(0.0f);
     at::parallel_for(0, R * W, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = i / W, w = i % W;
-        const uint64_t bits = wp[i];
-        scalar_t* dst = op + r * n + w * 64;
-        const int64_t m = std::min<int64_t>(64, n - w * 64);
-        for (int64_t j = 0; j < m; ++j) dst[j] = ((bits >> j) & 1u) ? one : zero;
+        unpack_word(wp[i], std::min<int64_t>(64, n - w * 64), op + r * n + w * 64);
       }
     });
   });

@@ -60,8 +60,9 @@ template <bool kKeepH, typename Count, int kVecs>
 void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Count, kVecs>& w,
                            const char* const* next, int64_t row_bytes, float* out);
 
-// Backward of one (batch, head) over all steps (see the top of the file): bits[3][T] the packed
-// q, k, v rows of each step, grad [T, N, d], outputs dq, dk, dv [T, N, d] (item strides apart).
+// Backward of one (batch, head) over all steps (see the top of the file): bits[3] the packed q,
+// k, v rows [N, Wd] of step 0 (step t: + t * step_words); grad and the outputs dq, dk, dv: the
+// [N, d] tiles of step 0 (step t: + t * step_stride).
 template <typename Count, int kVecs>
 void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const float* grad,
                        int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, float* dq, float* dk,
