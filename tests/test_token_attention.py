@@ -109,6 +109,18 @@ def test_bad_input_is_rejected():
         spikeops.token_attention(q, k.to(torch.int8))
 
 
+@pytest.mark.parametrize("name", ["q", "k", "p"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_non_binary_input_in_the_modules_layout_is_named(name, grad):
+    # heads of [T, B, C, N] activations: [T, B, H, N, d] views of contiguous [T, B, H, d, N]
+    named = {n: spikes((2, 1, 2, 5, 64), 5, seed).transpose(-1, -2) for seed, n in enumerate("qkp")}
+    named[name] = named[name] * 2
+    if grad:
+        named = {n: x.requires_grad_() for n, x in named.items()}
+    with pytest.raises(ValueError, match=f"{name} must hold only 0 and 1"):
+        spikeops.token_attention(named["q"], named["k"], named["p"], backend="cpp")
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_ops_pass_opcheck(backend):
     device = device_for(backend)

@@ -65,13 +65,29 @@ class _ConvOp(NamedTuple):
                                                    self.dilation, False, zeros, self.groups, list(needs))
 
 
+def _compact_input(x: torch.Tensor, channel_dim: int):
+    """:func:`compact` of ``x`` along ``channel_dim``, unless that dim is not innermost in memory:
+    then a contiguous ``x`` is packed as the ``[R, n]`` view whose rows are its smallest trailing
+    block of a whole number of 64-bit words (``[N, C, L]`` with 64 | L: rows of L). That takes no
+    more bits (rows need no padding) and no transposing copy in forward (packing along C does one,
+    and unpacking another in backward, each several times the cost of the pack kernel).
+    :func:`restore` then returns that ``[R, n]`` view: callers ``.view`` it back to ``x``'s shape."""
+    if channel_dim % x.dim() != x.dim() - 1 and x.is_contiguous() and x.numel() > 0:
+        n = 1
+        for size in reversed(x.shape[1:]):
+            n *= size
+            if n % 64 == 0:
+                return compact(x.view(-1, n), -1)
+    return compact(x, channel_dim)
+
+
 class _CompactInputFunction(torch.autograd.Function):
     """``op.forward(x, weight, bias)``, saving ``x`` compactly (and only if the weight needs a grad)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, op):
         ctx.op, ctx.x_like = op, (x.shape, memory_format(x))
-        saved, ctx.meta = compact(x, op.channel_dim) if ctx.needs_input_grad[1] else (None, None)
+        saved, ctx.meta = _compact_input(x, op.channel_dim) if ctx.needs_input_grad[1] else (None, None)
         ctx.save_for_backward(saved, weight)
         return op.forward(x, weight, bias)
 
@@ -79,7 +95,7 @@ class _CompactInputFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         saved, weight = ctx.saved_tensors
-        x = None if saved is None else restore(saved, ctx.meta)
+        x = None if saved is None else restore(saved, ctx.meta).view(ctx.x_like[0])
         needs = tuple(ctx.needs_input_grad[:3])
         return (*ctx.op.backward(grad, x, ctx.x_like, weight, needs), None)
 

@@ -22,10 +22,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
+from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
+from spikeops.ops.pack import _pack, _unpack
 
 
 @torch.library.custom_op("spikeops::token_attention_forward", mutates_args=())
@@ -90,6 +93,101 @@ def _backward(ctx, grad_out, *_):
 torch.library.register_autograd("spikeops::token_attention_forward", _backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- channels-first layout
+# Modules hold q, k, p as [T, B, C, N] (conv1d outputs: a head's d channels before its tokens), so
+# their [T, B, H, N, d] heads are transposed views of contiguous [T, B, H, d, N] tensors. The fused
+# kernel wants [T, BH, N, d] rows: four transposing copies (q, k, p in, out back) plus two more in
+# backward, each several times the cost of the kernel's own pass. In that layout the op is instead
+# run in place from strided sums and broadcast products plus the LIF kernels (same neuron code,
+# lif_math.h), with the same saved state: H (fp32, one per token) and K as bits (here packed
+# along N, the contiguous dim). Spikes are the kernel's bit for bit (exact integer counts, the
+# same LIF step, the same A * K products); gradients differ only in the order of dA's sum over c.
+
+_ATTN_LIF = (0.0, True, True, True, SURROGATE_IDS["sigmoid"], 4.0)  # v_reset, hard, decay_input, detach, sigmoid, alpha
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``x`` as ``[R, n]`` rows of a whole number of 64-bit words where it can (the
+    smallest trailing block whose size 64 divides), else its last dim: bits with little or no padding."""
+    n = 1
+    for size in reversed(x.shape[1:]):
+        n *= size
+        if n % 64 == 0:
+            return x.view(-1, n)
+    return x.view(-1, x.shape[-1])
+
+
+def _check_binary_cf(named, backend: str) -> None:
+    """ValueError naming the first input that is not 0/1 (the pack kernel's check: one pass each)."""
+    for name, x in named:
+        if not bool(_pack(_rows(x.detach()), True, backend)[1]):
+            raise ValueError(f"token_attention: {name} must hold only 0 and 1 (spikes)")
+
+
+def _attention_cf(q, k, p, v_threshold: float, tau: float, backend: str, save: bool):
+    """q, k, p ``[T, B, H, d, N]`` contiguous fp32 -> (out ``[T, B, H, d, N]``, H ``[T, B*H*N]``)."""
+    T = q.shape[0]
+    s = q.sum(3)  # counts of 0/1 values: exact integers in fp32, in any summation order
+    if p is not None:
+        s.add_(p.sum(3))
+    a, h = _lif_forward(s.view(T, -1), tau, v_threshold, *_ATTN_LIF, save, False, backend)
+    return a.view(s.shape).unsqueeze(3) * k, h  # the kernel's A * K, element for element
+
+
+class _TokenAttentionCF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, p, v_threshold, tau, backend):
+        out, h = _attention_cf(q, k, p, v_threshold, tau, backend, True)
+        rows = _rows(k)
+        words, binary = _pack(rows, True, backend)
+        if not bool(binary):
+            raise ValueError("token_attention: k must hold only 0 and 1 (spikes)")
+        ctx.save_for_backward(h, words)
+        ctx.shape, ctx.n, ctx.has_p, ctx.params = k.shape, rows.shape[1], p is not None, (v_threshold, tau, backend)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h, words = ctx.saved_tensors
+        v_threshold, tau, backend = ctx.params
+        T, B, H, d, N = ctx.shape
+        needs = ctx.needs_input_grad
+        grad_q = grad_k = None
+        if needs[0] or needs[2]:
+            k = _unpack(words, ctx.n, torch.float32, backend).view(ctx.shape)
+            grad_a = (grad_out * k).sum(3)  # dA = sum_c dout * K
+            grad_s = _lif_backward(grad_a.view(T, -1), h, tau, v_threshold, *_ATTN_LIF, backend)
+            # dL/dq = dL/dp = dL/dS broadcast over the channels (an expanded view, as sum's backward gives)
+            grad_q = grad_s.view(T, B, H, 1, N).expand(ctx.shape)
+        if needs[1]:
+            a = (h >= v_threshold).to(grad_out.dtype).view(T, B, H, 1, N)  # the forward's spikes
+            grad_k = a * grad_out  # the kernel's A * dout
+        return (grad_q if needs[0] else None, grad_k, grad_q if needs[2] and ctx.has_p else None,
+                None, None, None)
+
+
+def _use_cf(named, chosen: str) -> bool:
+    """Inputs are plain transposed views of contiguous ``[.., d, N]`` tensors and the C++ kernels
+    run (not while torch.compile traces: it takes the custom op)."""
+    return chosen == "cpp" and not torch.compiler.is_compiling() and all(
+        type(x) is torch.Tensor and x.dtype == torch.float32 and x.numel() > 0 and not x.is_contiguous()
+        and x.mT.is_contiguous() for _, x in named)
+
+
+def _token_attention_cf(named, v_threshold: float, tau: float, backend: str) -> torch.Tensor:
+    """token_attention on ``[T, B, H, N, d]`` views of contiguous ``[T, B, H, d, N]`` tensors, no copies."""
+    cf = [(name, x.mT) for name, x in named]
+    q, k, p = cf[0][1], cf[1][1], cf[2][1] if len(cf) > 2 else None
+    if torch.is_grad_enabled() and any(x.requires_grad for _, x in cf):
+        _check_binary_cf([cf[0]] + cf[2:], backend)  # k: checked by its packing
+        out = _TokenAttentionCF.apply(q, k, p, v_threshold, tau, backend)
+    else:
+        _check_binary_cf(cf, backend)
+        out = _attention_cf(q, k, p, v_threshold, tau, backend, False)[0]
+    return out.mT
+
+
 def token_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,6 +225,8 @@ def token_attention(
         swap = [x.transpose(-1, -2) for _, x in named]
         out = token_attention(*swap[:2], swap[2] if p is not None else None, v_threshold, tau, "token", chosen)
         return out.transpose(-1, -2)
+    if _use_cf(named, chosen):  # e.g. the heads of [T, B, C, N] activations: no transposing copies
+        return _token_attention_cf(named, v_threshold, tau, chosen)
     T, B, H, N, d = q.shape
     flat = [x.contiguous().view(T, B * H, N, d) for _, x in named]
     save = torch.is_grad_enabled() and any(x.requires_grad for _, x in named)
