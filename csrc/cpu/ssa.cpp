@@ -41,6 +41,10 @@ namespace {
 
 inline int64_t words_for(int64_t bits) { return (bits + 63) / 64; }
 
+// Backward's float rows: d floats zero-padded to whole blocks of kFloatBlock (4 AVX2 vectors).
+constexpr int64_t kFloatBlock = 32;
+inline int64_t padded(int64_t d) { return (d + kFloatBlock - 1) / kFloatBlock * kFloatBlock; }
+
 // Per-thread buffers of one (batch, head) for kVecs vectors of Count lanes per column block.
 template <typename Count, int kVecs>
 struct Work;
@@ -178,8 +182,9 @@ struct Work {
   // steps: > 0 for backward (H and (K^T V)^T of every step, G, dA, dA^T, dL/dV)
   Work(int64_t N, int64_t d, int64_t steps = 0)
       : N(N), d(d), blocks((d + kCols - 1) / kCols), vmem(N * d), kcol(d * words_for(N)),
-        vlanes(blocks * N * kCols), kv(blocks * d * kCols), h(steps * N * d), kv_t(steps * d * d),
-        g(steps ? N * d : 0), da(steps ? d * d : 0), da_t(steps ? d * d : 0), gv(steps ? N * d : 0) {
+        vlanes(blocks * N * kCols), kv(blocks * d * kCols), h(steps * N * d), kv_t(steps * d * padded(d)),
+        g(steps ? N * padded(d) : 0), da(steps ? d * padded(d) : 0), da_t(steps ? d * padded(d) : 0),
+        gv(steps ? N * d : 0), qcol(steps ? d * words_for(N) : 0) {
     if (!steps)
       for (auto& p : packed) p.resize(N * words_for(d));
   }
@@ -190,8 +195,10 @@ struct Work {
   std::vector<Count> vlanes;          // V rows as 0/1 lanes [blocks, N, kCols]
   std::vector<Count> kv;              // K^T V [blocks, d, kCols]
   std::vector<float> q, k, v, spikes; // float copies of fp16/bf16/fp64 tiles [N, d]
-  std::vector<float> h, kv_t;         // backward: H [T, N, d], (K^T V)^T [T, d, d]
-  std::vector<float> g, da, da_t, gv; // backward: G [N, d], dA, dA^T [d, d], dL/dV [N, d]
+  // backward; rows of d floats zero-padded to padded(d) where marked *
+  std::vector<float> h, kv_t;         // H [T, N, d], (K^T V)^T* [T, d, d]
+  std::vector<float> g, da, da_t, gv; // G* [N, d], dA*, dA^T* [d, d], dL/dV [N, d]
+  std::vector<uint64_t> qcol;         // Q's columns packed along N [d, WN]
 };
 
 template <typename F>
@@ -285,6 +292,20 @@ inline __attribute__((always_inline)) void lif_lanes(typename Lanes<Count>::Vec 
   }
 }
 
+// cols [d, ceil(N / 64)]: the columns of the 0/1 matrix whose rows [N, ceil(d / 64)] are packed
+// in rows, packed along N (64 x 64 bit transposes).
+inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) {
+  const int64_t Wd = words_for(d), WN = words_for(N);
+  for (int64_t rb = 0; rb < WN; ++rb) {
+    for (int64_t cw = 0; cw < Wd; ++cw) {
+      uint64_t a[64];
+      for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? rows[(rb * 64 + i) * Wd + cw] : 0;
+      transpose64(a);
+      for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) cols[(cw * 64 + i) * WN + rb] = a[i];
+    }
+  }
+}
+
 template <typename Count, int kVecs>
 SPIKEOPS_SIMD_CLONES
 void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>& w) {
@@ -303,14 +324,7 @@ void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>
       }
     }
   }
-  for (int64_t rb = 0; rb < WN; ++rb) {  // K's columns, 64 tokens x 64 channels at a time
-    for (int64_t cw = 0; cw < Wd; ++cw) {
-      uint64_t a[64];
-      for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? kb[(rb * 64 + i) * Wd + cw] : 0;
-      transpose64(a);
-      for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) w.kcol[(cw * 64 + i) * WN + rb] = a[i];
-    }
-  }
+  columns(kb, N, d, w.kcol.data());
   for (int64_t b = 0; b < w.blocks; ++b) {
     for (int64_t ch = 0; ch < d; ++ch) {
       Vec acc[kVecs];
@@ -351,14 +365,32 @@ void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Co
   }
 }
 
-// out[r, :] += the rows rows[i, :] (row length d, stride d) over the set bits i of bits[r] (W words).
-inline void add_rows_at_bits(const uint64_t* bits, int64_t R, int64_t W, const float* rows, int64_t d, float* out) {
-  for (int64_t r = 0; r < R; ++r) {
-    float* o = out + r * d;
-    for_each_bit(bits + r * W, W, [&](int64_t i) {
-      const float* src = rows + i * d;
-      for (int64_t j = 0; j < d; ++j) o[j] += src[j];
+// out[0, n) = acc[0, n) for the first min(n, kFloatBlock) columns (a copy of constant size on the
+// common path keeps acc in registers).
+inline __attribute__((always_inline)) void store_block(const Floats8* acc, int64_t n, float* out) {
+  if (n >= kFloatBlock) {
+    __builtin_memcpy(out, acc, sizeof(float) * kFloatBlock);
+  } else {
+    float last[kFloatBlock];
+    __builtin_memcpy(last, acc, sizeof(last));
+    std::copy(last, last + n, out);
+  }
+}
+
+// out[0, d) = the sum of the rows rows[i, 0:d) over the set bits i of the W words: rows zero-padded
+// to the stride ld (a multiple of kFloatBlock), summed a block of columns at a time in registers.
+inline __attribute__((always_inline)) void sum_float_rows(const uint64_t* bits, int64_t W, const float* rows,
+                                                          int64_t ld, int64_t d, float* out) {
+  for (int64_t j0 = 0; j0 < d; j0 += kFloatBlock) {
+    Floats8 acc[4] = {};
+    for_each_bit(bits, W, [&](int64_t i) {
+      for (int k = 0; k < 4; ++k) {
+        Floats8 row;
+        __builtin_memcpy(&row, rows + i * ld + j0 + 8 * k, sizeof(row));
+        acc[k] += row;
+      }
     });
+    store_block(acc, d - j0, out + j0);
   }
 }
 
@@ -368,53 +400,50 @@ void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_word
                        int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, float* dq, float* dk,
                        float* dv) {
   constexpr int64_t kCols = Work<Count, kVecs>::kCols;
-  const int64_t N = w.N, d = w.d, Wd = words_for(d);
+  const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N), ld = padded(d);
   std::fill(w.vmem.begin(), w.vmem.end(), 0.0f);
   for (int64_t t = 0; t < T; ++t) {  // the forward again: H and (K^T V)^T of each step
     const int64_t ws = t * step_words;
     key_value_counts(bits[1] + ws, bits[2] + ws, w);
-    float* kv_t = w.kv_t.data() + t * d * d;
+    float* kv_t = w.kv_t.data() + t * d * ld;
     for (int64_t ch = 0; ch < d; ++ch)
-      for (int64_t j = 0; j < d; ++j) kv_t[j * d + ch] = static_cast<float>(w.kv[((j / kCols) * d + ch) * kCols + j % kCols]);
+      for (int64_t j = 0; j < d; ++j) kv_t[j * ld + ch] = static_cast<float>(w.kv[((j / kCols) * d + ch) * kCols + j % kCols]);
     attention_neuron_step<true>(bits[0] + ws, scale, c, w, nullptr, 0, w.h.data() + t * N * d);
   }
-  float* g = w.g.data();
-  float* gv = w.gv.data();
+  float *g = w.g.data(), *gv = w.gv.data(), *da = w.da.data(), *da_t = w.da_t.data();
   std::fill(w.gv.begin(), w.gv.end(), 0.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* gs = grad + t * step_stride;
-    const float* h = w.h.data() + t * N * d;
-    for (int64_t e = 0; e < N * d; ++e) {  // G = scale * dL/dY (lif.cpp's backward step)
-      const float dist = lif_distance(h[e], c);
-      g[e] = scale * lif_grad_step<true, true>(dist, surrogate_grad<kSigmoid>(dist, 4.0f), gs[e], gv[e], c, true);
-    }
     const int64_t ws = t * step_words, os = t * step_stride;
-    const float* kv_t = w.kv_t.data() + t * d * d;
-    float* dq_t = dq + os;
-    for (int64_t n = 0; n < N; ++n) {  // dQ = G (K^T V)^T
-      float* o = dq_t + n * d;
-      std::fill(o, o + d, 0.0f);
+    const float *gs = grad + os, *h = w.h.data() + t * N * d, *kv_t = w.kv_t.data() + t * d * ld;
+    for (int64_t n = 0; n < N; ++n) {  // G = scale * dL/dY (lif.cpp's backward step)
       for (int64_t j = 0; j < d; ++j) {
-        const float gj = g[n * d + j];
-        const float* row = kv_t + j * d;
-        for (int64_t ch = 0; ch < d; ++ch) o[ch] += gj * row[ch];
+        const int64_t e = n * d + j;
+        const float dist = lif_distance(h[e], c);
+        g[n * ld + j] = scale * lif_grad_step<true, true>(dist, surrogate_grad<kSigmoid>(dist, 4.0f), gs[e], gv[e], c, true);
       }
     }
-    std::fill(w.da.begin(), w.da.end(), 0.0f);  // dA = Q^T G: row c sums the G rows where Q[:, c] spikes
-    const uint64_t* qb = bits[0] + ws;
-    for (int64_t n = 0; n < N; ++n) {
-      const float* gn = g + n * d;
-      for_each_bit(qb + n * Wd, Wd, [&](int64_t ch) {
-        float* o = w.da.data() + ch * d;
-        for (int64_t j = 0; j < d; ++j) o[j] += gn[j];
-      });
+    for (int64_t n = 0; n < N; ++n) {  // dQ = G (K^T V)^T, a block of columns at a time in registers
+      for (int64_t j0 = 0; j0 < d; j0 += kFloatBlock) {
+        Floats8 acc[4] = {};
+        for (int64_t j = 0; j < d; ++j) {
+          const Floats8 gj = Floats8{} + g[n * ld + j];
+          for (int k = 0; k < 4; ++k) {
+            Floats8 row;
+            __builtin_memcpy(&row, kv_t + j * ld + j0 + 8 * k, sizeof(row));
+            acc[k] += gj * row;
+          }
+        }
+        store_block(acc, d - j0, dq + os + n * d + j0);
+      }
     }
+    columns(bits[0] + ws, N, d, w.qcol.data());  // dA = Q^T G: row c sums the G rows at Q[:, c]'s spikes
+    for (int64_t ch = 0; ch < d; ++ch) sum_float_rows(w.qcol.data() + ch * WN, WN, g, ld, ld, da + ch * ld);
     for (int64_t ch = 0; ch < d; ++ch)
-      for (int64_t j = 0; j < d; ++j) w.da_t[j * d + ch] = w.da[ch * d + j];
-    std::fill(dk + os, dk + os + N * d, 0.0f);
-    std::fill(dv + os, dv + os + N * d, 0.0f);
-    add_rows_at_bits(bits[2] + ws, N, Wd, w.da_t.data(), d, dk + os);  // dK = V dA^T
-    add_rows_at_bits(bits[1] + ws, N, Wd, w.da.data(), d, dv + os);    // dV = K dA
+      for (int64_t j = 0; j < d; ++j) da_t[j * ld + ch] = da[ch * ld + j];
+    for (int64_t m = 0; m < N; ++m) {
+      sum_float_rows(bits[2] + ws + m * Wd, Wd, da_t, ld, d, dk + os + m * d);  // dK = V dA^T
+      sum_float_rows(bits[1] + ws + m * Wd, Wd, da, ld, d, dv + os + m * d);    // dV = K dA
+    }
   }
 }
 
