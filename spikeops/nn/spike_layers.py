@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from spikeops.ops.compact import compact, memory_format, restore
+from spikeops.ops.pack import word_rows
 
 
 class _LinearOp(NamedTuple):
@@ -73,11 +74,9 @@ def _compact_input(x: torch.Tensor, channel_dim: int):
     and unpacking another in backward, each several times the cost of the pack kernel).
     :func:`restore` then returns that ``[R, n]`` view: callers ``.view`` it back to ``x``'s shape."""
     if channel_dim % x.dim() != x.dim() - 1 and x.is_contiguous() and x.numel() > 0:
-        n = 1
-        for size in reversed(x.shape[1:]):
-            n *= size
-            if n % 64 == 0:
-                return compact(x.view(-1, n), -1)
+        rows = word_rows(x)
+        if rows is not None:
+            return compact(rows, -1)
     return compact(x, channel_dim)
 
 

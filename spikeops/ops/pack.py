@@ -128,6 +128,18 @@ def unpack_spikes(packed: PackedSpikes, dtype: torch.dtype = None, backend: str 
     return flat.view(moved_shape).movedim(-1, dim)
 
 
+def word_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Contiguous ``x`` as the ``[R, n]`` view whose rows are its smallest trailing block of a whole
+    number of 64-bit words (``[N, C, L]`` with 64 | L: rows of L; 64 | C L: rows of C L), or None
+    when there is none. Packed along those rows, x needs no padding and no transposing copy."""
+    n = 1
+    for size in reversed(x.shape[1:]):
+        n *= size
+        if n % 64 == 0:
+            return x.view(-1, n)
+    return None
+
+
 def _normalize_dim(dim: int, ndim: int) -> int:
     if not -ndim <= dim < ndim:
         raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d tensor, got {dim}")

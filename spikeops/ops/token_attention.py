@@ -28,7 +28,7 @@ from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
 from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
-from spikeops.ops.pack import _pack, _unpack
+from spikeops.ops.pack import _pack, _unpack, word_rows
 
 
 @torch.library.custom_op("spikeops::token_attention_forward", mutates_args=())
@@ -107,14 +107,9 @@ _ATTN_LIF = (0.0, True, True, True, SURROGATE_IDS["sigmoid"], 4.0)  # v_reset, h
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """Contiguous ``x`` as ``[R, n]`` rows of a whole number of 64-bit words where it can (the
-    smallest trailing block whose size 64 divides), else its last dim: bits with little or no padding."""
-    n = 1
-    for size in reversed(x.shape[1:]):
-        n *= size
-        if n % 64 == 0:
-            return x.view(-1, n)
-    return x.view(-1, x.shape[-1])
+    """Contiguous ``x`` as ``[R, n]`` rows of whole 64-bit words where it can, else along its last dim."""
+    rows = word_rows(x)
+    return rows if rows is not None else x.view(-1, x.shape[-1])
 
 
 def _check_binary_cf(named, backend: str) -> None:
