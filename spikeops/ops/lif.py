@@ -41,6 +41,10 @@ from spikeops._validation import (
 )
 
 SURROGATE_IDS = {"sigmoid": 0, "atan": 1}  # shared with csrc/ops.h and spikeops/triton/lif.py
+# The attention neuron of SSA and token attention, as the arguments of _lif_forward / _lif_backward
+# after tau and v_threshold: v_reset 0, hard reset, decay_input, detach_reset, sigmoid surrogate,
+# alpha 4 (the C++ ssa and token_attention kernels hard-code the same).
+ATTENTION_NEURON = (0.0, True, True, True, SURROGATE_IDS["sigmoid"], 4.0)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
-from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
+from spikeops.ops.lif import ATTENTION_NEURON, _lif_backward, _lif_forward
 from spikeops.ops.pack import _pack, _unpack, word_rows
 
 
@@ -103,9 +103,6 @@ torch.library.register_autograd("spikeops::token_attention_forward", _backward, 
 # along N, the contiguous dim). Spikes are the kernel's bit for bit (exact integer counts, the
 # same LIF step, the same A * K products); gradients differ only in the order of dA's sum over c.
 
-_ATTN_LIF = (0.0, True, True, True, SURROGATE_IDS["sigmoid"], 4.0)  # v_reset, hard, decay_input, detach, sigmoid, alpha
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """Contiguous ``x`` as ``[R, n]`` rows of whole 64-bit words where it can, else along its last dim."""
     rows = word_rows(x)
@@ -125,7 +122,7 @@ def _attention_cf(q, k, p, v_threshold: float, tau: float, backend: str, save: b
     s = q.sum(3)  # counts of 0/1 values: exact integers in fp32, in any summation order
     if p is not None:
         s.add_(p.sum(3))
-    a, h = _lif_forward(s.view(T, -1), tau, v_threshold, *_ATTN_LIF, save, False, backend)
+    a, h = _lif_forward(s.view(T, -1), tau, v_threshold, *ATTENTION_NEURON, save, False, backend)
     return a.view(s.shape).unsqueeze(3) * k, h  # the kernel's A * K, element for element
 
 
@@ -152,7 +149,7 @@ class _TokenAttentionCF(torch.autograd.Function):
         if needs[0] or needs[2]:
             k = _unpack(words, ctx.n, torch.float32, backend).view(ctx.shape)
             grad_a = (grad_out * k).sum(3)  # dA = sum_c dout * K
-            grad_s = _lif_backward(grad_a.view(T, -1), h, tau, v_threshold, *_ATTN_LIF, backend)
+            grad_s = _lif_backward(grad_a.view(T, -1), h, tau, v_threshold, *ATTENTION_NEURON, backend)
             # dL/dq = dL/dp = dL/dS broadcast over the channels (an expanded view, as sum's backward gives)
             grad_q = grad_s.view(T, B, H, 1, N).expand(ctx.shape)
         if needs[1]:
