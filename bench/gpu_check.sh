@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: the Triton tests on the GPU, then every benchmark on CUDA.
+#
+#   bash bench/gpu_check.sh            (OUT=dir for logs and results; default /tmp/spikeops_gpu)
+#
+# Uses the machine's own python3/torch/triton and the source tree as is (no build: the C++
+# kernels are for CPU tensors and are tested on CPU). SpikingJelly and loguru, when not installed
+# there, are read from .gpu/site (copied beside the tree: see BENCHMARKS.md). Each step has its
+# own time limit (seconds, overridable: TEST_S, BENCH_S) so that one slow or failing step leaves
+# the others their time; everything is logged under $OUT and bench/results/*_cuda.* is copied there.
+set -u
+OUT=${OUT:-/tmp/spikeops_gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+TEST_S=${TEST_S:-130}
+BENCH_S=${BENCH_S:-"ssa:60 token_attention:60 train_step:150 lif:35 masked_conv:45"}
+REPEATS=${REPEATS:-20}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  python3 -c "import spikingjelly, spikeops.backend as b; print('spikingjelly ok; cpp built:', b.cpp_available())"
+} 2>&1 | tee "$OUT/env.txt"
+
+# Every test parametrised with the Triton backend runs on CUDA tensors here (tests/harness.py).
+XDIST=""
+python3 -c "import xdist" 2>/dev/null && XDIST="-n 12"
+timeout -s INT -k 15 "$TEST_S" python3 -m pytest -q -rfE --tb=short -k triton $XDIST -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
+echo "tests: exit $? (124 = interrupted at ${TEST_S}s)" | tee -a "$OUT/env.txt"
+tail -n 25 "$OUT/tests.log"
+
+for spec in $BENCH_S; do
+  name=${spec%%:*}
+  limit=${spec##*:}
+  echo "# bench_$name (limit ${limit}s)" | tee -a "$OUT/bench.log"
+  timeout "$limit" python3 -m bench.run --device cuda --only "$name" --repeats "$REPEATS" >>"$OUT/bench.log" 2>&1
+  echo "bench_$name: exit $?" | tee -a "$OUT/env.txt" "$OUT/bench.log"
+done
+tar czf "$OUT/results.tgz" bench/results 2>/dev/null
+grep -v "^ *[a-z_]*: .* on cuda \.\.\.$" "$OUT/bench.log" | tail -n 60
