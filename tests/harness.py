@@ -53,7 +53,8 @@ class Masked(torch.nn.Module):
 
     def __init__(self, layer, mask):
         super().__init__()
-        self.layer, self.mask = layer, mask
+        self.layer = layer
+        self.register_buffer("mask", mask)  # moves with .to(device)
 
     def forward(self, x):
         import spikeops

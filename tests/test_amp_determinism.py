@@ -141,7 +141,7 @@ def op_runs(backend):
     x = currents(4, n)
     qkv = [spikes(2, 2, 4, 96 if big else 12, 16, seed=i) for i in range(3)]
     xc, w = currents(8, 8, 16, 16), currents(6, 8, 3, 3, seed=1)
-    m = mask(4, 4)
+    m = mask(4, 4).to(d)
     bn_y = currents(4 * 8, 16, 10, 10)
 
     def bn_lif(y):

@@ -8,7 +8,7 @@ from torch import nn
 import spikeops
 from spikeops.memory import saved_bytes
 from spikeops.ops.batch_norm_lif import batch_norm_lif
-from harness import KERNEL_BACKENDS
+from harness import KERNEL_BACKENDS, device_for
 
 
 def inputs(kind, shape, seed=0):
@@ -33,16 +33,18 @@ SHAPES = {"bn1d": (4 * 2 * 5, 8), "bn2d": (4 * 2, 6, 5, 3)}
 @pytest.mark.parametrize("kind", ["bn1d", "bn2d"])
 @pytest.mark.parametrize("momentum,track", [(0.1, True), (None, True), (0.1, False)])
 def test_fused_equals_batch_norm_then_lif(backend, kind, momentum, track):
+    dev = device_for(backend)
     bn, lif = modules(kind, SHAPES[kind][1], backend, momentum=momentum, track_running_stats=track)
+    bn = bn.to(dev)
     bn2, lif2 = copy.deepcopy(bn), spikeops.nn.LIF(tau=2.0, detach_reset=True, backend="torch")
     for step in range(2):  # twice: running statistics accumulate the same way
-        base = inputs(kind, SHAPES[kind], seed=step)
+        base = inputs(kind, SHAPES[kind], seed=step).to(dev)
         y, y2 = base.clone().requires_grad_(), base.clone().requires_grad_()
         out = batch_norm_lif(y, bn, lif, T=4)
         z = bn2(y2)
         ref = lif2(z.view(4, -1, *z.shape[1:])).view(z.shape)
         assert torch.equal(out, ref) and 0 < out.sum() < out.numel()
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dev)
         out.backward(g)
         ref.backward(g)
         scale = y2.grad.abs().max()

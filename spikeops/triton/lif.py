@@ -13,7 +13,8 @@ import triton.language as tl
 
 BLOCK = 1024
 NUM_WARPS = 4
-SIGMOID, ATAN = 0, 1  # spikeops.ops.lif.SURROGATE_IDS
+# spikeops.ops.lif.SURROGATE_IDS; constexpr: compiled kernels read only constexpr globals
+SIGMOID, ATAN = tl.constexpr(0), tl.constexpr(1)
 
 
 def lif_forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h, state_bf16):

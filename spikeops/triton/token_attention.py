@@ -41,7 +41,7 @@ def token_attention_backward(grad_out, k_words, h, v_threshold, tau):
     grad_k = torch.empty_like(grad_out)
     grid = (triton.cdiv(BH * N, BLOCK_T),)
     _backward_kernel[grid](
-        grad_out, k, h, grad_s, grad_k, T, BH * N, d, float(v_threshold), float(tau),
+        grad_out, k, h, grad_s, grad_k, T, BH * N, d, float(v_threshold), float(tau), ALPHA,
         BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(d),
     )
     return grad_s, grad_k
@@ -80,7 +80,7 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    g_ptr, k_ptr, h_ptr, gs_ptr, gk_ptr, T, R, d, v_threshold, tau,
+    g_ptr, k_ptr, h_ptr, gs_ptr, gk_ptr, T, R, d, v_threshold, tau, alpha,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -97,8 +97,8 @@ def _backward_kernel(
         dist = h - v_threshold
         fire = dist >= 0.0
         tl.store(gk_ptr + offs, tl.where(fire[:, None], g, 0.0).to(gk_ptr.dtype.element_ty), mask=mask)
-        e = tl.exp(-tl.abs(ALPHA * dist))
-        sg = ALPHA * e / ((1.0 + e) * (1.0 + e))
+        e = tl.exp(-tl.abs(alpha * dist))
+        sg = alpha * e / ((1.0 + e) * (1.0 + e))
         gh = tl.sum(g * k, axis=1) * sg + gv * tl.where(fire, 0.0, 1.0)
         tl.store(gs_ptr + t * R + rows, tl.math.div_rn(gh, tau_v), mask=rows < R)
         gv = gh - tl.math.div_rn(gh, tau_v)
