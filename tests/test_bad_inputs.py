@@ -689,27 +689,29 @@ def test_spike_matmul_beyond_fp32_exact_counts(backend):
 def test_ops_accept_more_than_2_31_elements_without_the_memory(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    d = device_for(backend)
     with FakeTensorMode():
-        x = torch.empty(2, BIG // 2, requires_grad=True)
+        x = torch.empty(2, BIG // 2, requires_grad=True, device=d)
         s = spikeops.lif(x, backend=backend)
         assert s.shape == x.shape and s.numel() > 2**31
         s.sum().backward()
         assert x.grad.shape == x.shape
-        q = torch.empty(1, 1, 1, 2**25 + 1, 64)
+        q = torch.empty(1, 1, 1, 2**25 + 1, 64, device=d)
         assert spikeops.token_attention(q, q, backend=backend).shape == q.shape
         if backend == "cpp":
             assert spikeops.ssa(q, q, q, backend=backend).shape == q.shape
-        big_x = torch.empty(2**15 + 1, 1, 256, 256)  # N*H*W = 2^31 + 65536 pixels
-        w, m = torch.empty(2, 1, 1, 1), torch.ones(1, 1, 16, 16, dtype=torch.bool)
+        big_x = torch.empty(2**15 + 1, 1, 256, 256, device=d)  # N*H*W = 2^31 + 65536 pixels
+        w, m = torch.empty(2, 1, 1, 1, device=d), torch.ones(1, 1, 16, 16, dtype=torch.bool, device=d)
+        stat = torch.empty(1, device=d)
         if backend == "cpp":  # 64-bit pixel arithmetic
             assert spikeops.masked_conv2d(big_x, w, m, backend=backend).shape == (2**15 + 1, 2, 256, 256)
-            assert spikeops.masked_batch_norm2d(big_x, m, torch.empty(1), torch.empty(1), backend=backend).shape \
+            assert spikeops.masked_batch_norm2d(big_x, m, stat, stat, backend=backend).shape \
                 == big_x.shape
         else:  # the Triton kernels number pixels / in-head offsets in int32: a clear refusal
             with pytest.raises(ValueError, match="numbers pixels in int32"):
                 spikeops.masked_conv2d(big_x, w, m, backend=backend)
             with pytest.raises(ValueError, match="numbers pixels in int32"):
-                spikeops.masked_batch_norm2d(big_x, m, torch.empty(1), torch.empty(1), backend=backend)
+                spikeops.masked_batch_norm2d(big_x, m, stat, stat, backend=backend)
             with pytest.raises(ValueError, match="N\\*d <="):
                 spikeops.ssa(q, q, q, backend=backend)
 

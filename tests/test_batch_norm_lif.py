@@ -52,7 +52,10 @@ def test_fused_equals_batch_norm_then_lif(backend, kind, momentum, track):
         for p, p2 in zip(bn.parameters(), bn2.parameters()):
             torch.testing.assert_close(p.grad, p2.grad, rtol=1e-5, atol=1e-6 * p2.grad.abs().max())
         for b, b2 in zip(bn.buffers(), bn2.buffers()):
-            assert torch.equal(b, b2)
+            if dev.type == "cuda":  # nn.BatchNorm2d runs cuDNN's kernel there: last-bit differences
+                torch.testing.assert_close(b, b2, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(b, b2)
 
 
 def test_eval_mode_uses_the_running_statistics_in_forward_and_backward():
