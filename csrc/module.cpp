@@ -14,6 +14,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ssa_backward", &spikeops::cpu::ssa_backward, "fused spiking self-attention backward");
   m.def("token_attention_forward", &spikeops::cpu::token_attention_forward, "fused token attention forward");
   m.def("token_attention_backward", &spikeops::cpu::token_attention_backward, "fused token attention backward");
+  m.def("token_attention_cf_forward", &spikeops::cpu::token_attention_cf_forward,
+        "fused token attention forward, channels-first [T, BH, d, N]");
+  m.def("token_attention_cf_backward", &spikeops::cpu::token_attention_cf_backward,
+        "fused token attention backward, channels-first [T, BH, d, N]");
   m.def("unpack_spikes", &spikeops::cpu::unpack_spikes, "unpack int64 words into 0/1 values");
   m.def("masked_gather", &spikeops::cpu::masked_gather, "gather the visible blocks of [N, C, H, W] into [nb, C, bh, bw]");
   m.def("masked_scatter", &spikeops::cpu::masked_scatter, "scatter [nb, C, bh, bw] blocks into a zero [N, C, H, W]");

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import spikeops
 from spikeops import reference
@@ -119,6 +120,36 @@ def test_non_binary_input_in_the_modules_layout_is_named(name, grad):
         named = {n: x.requires_grad_() for n, x in named.items()}
     with pytest.raises(ValueError, match=f"{name} must hold only 0 and 1"):
         spikeops.token_attention(named["q"], named["k"], named["p"], backend="cpp")
+
+
+class OpNames(TorchDispatchMode):
+    """Records the ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("with_p", [False, True])
+@pytest.mark.parametrize("N", [64, 300])
+def test_modules_layout_runs_its_own_kernels_and_matches_reference(N, with_p):
+    # [T, B, H, N, d] views of contiguous [T, B, H, d, N] (the modules' heads), N over more than one
+    # run of 256 tokens and not a whole number of 64-bit words
+    shape = (3, 2, 2, 6, N)
+    tensors = [spikes(shape[:3] + (N, 6), 6, seed).transpose(-1, -2) for seed in range(3 if with_p else 2)]
+    assert not tensors[0].is_contiguous() and tensors[0].mT.is_contiguous()
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    with OpNames() as ops:
+        out, grads = run(lambda *x: spikeops.token_attention(*x, backend="cpp"), tensors, grad)
+    assert {"spikeops.token_attention_cf_forward", "spikeops.token_attention_cf_backward"} <= ops.names
+    expected, ref_grads = run(reference.token_attention, tensors, grad)
+    assert torch.equal(out, expected) and 0 < expected.sum()
+    for g, rg in zip(grads, ref_grads):
+        assert_grads_close(g, rg, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -14,6 +14,11 @@
 // steps the block's tokens (a loop over tokens that vectorises), then out = A * k row by row.
 // Backward likewise: dA is a masked sum of the dout row, the LIF backward runs over the block's
 // tokens, then dk = A * dout.
+//
+// The channels-first layout [T, BH, d, N] (a module's [T, B, C, N] activations, a head's d
+// channels before its tokens; token_attention_cf_*): the same math with the sums over c running
+// down the d rows of a (t, bh) block, eight tokens per vector. The threads take (bh, run of
+// kCfTokens tokens) items and walk t over each; k is kept packed along N (its contiguous dim).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -60,6 +65,24 @@ bool token_rows_forward(const float* q, const float* p, const float* k, int64_t 
 // dL/dV carried to step t - 1), dk = A * dout.
 void token_rows_backward(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
                          float v_threshold, Scratch& s, float* grad_s, float* grad_k);
+
+constexpr int64_t kCfTokens = 1024;  // tokens per item in the [d, N] layout: whole words of k's bits, whole pages of a row
+
+// Per-thread state of one [d, N]-layout item: the neuron's V (forward) or dL/dV (backward), H
+// when it is not kept, and the tokens' sums.
+struct CfScratch {
+  float state[kCfTokens], h[kCfTokens], sum[kCfTokens], a[kCfTokens];
+};
+
+// One step over tokens [n0, n0 + L) of one (t, bh) block [d, N]: q, p, k, out point at (row 0,
+// column n0), k_words at row 0's word n0 / 64 (rows of Wn words). Returns true if a value was not 0/1.
+bool cf_step_forward(const float* q, const float* p, const float* k, int64_t d, int64_t N, int64_t L, float tau,
+                     float v_threshold, CfScratch& s, float* h, uint64_t* k_words, int64_t Wn, float* out);
+
+// Backward of one step over those tokens: dA = sum_c dout k, dS = LIF backward (state: dL/dV
+// carried to step t - 1), dk = A * dout.
+void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const float* h, int64_t d, int64_t N,
+                      int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s, float* grad_k);
 
 }  // namespace
 
@@ -134,6 +157,73 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
         store_floats(gkp + off, gk, count);
       }
     });
+  });
+  return {grad_s, grad_k};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& p, double v_threshold,
+    double tau, bool save) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.scalar_type() == at::kFloat && k.sizes() == q.sizes() &&
+                  k.is_contiguous() && k.scalar_type() == at::kFloat,
+              "token_attention_cf_forward: q, k must be contiguous float32 [T, BH, d, N]");
+  TORCH_CHECK(!p || (p->sizes() == q.sizes() && p->is_contiguous() && p->scalar_type() == at::kFloat),
+              "token_attention_cf_forward: p must match q");
+  const int64_t T = q.size(0), BH = q.size(1), d = q.size(2), N = q.size(3), Wn = words_for(N);
+  const int64_t chunks = (N + kCfTokens - 1) / kCfTokens;
+  auto out = at::empty_like(q);
+  auto h = at::empty(save ? std::vector<int64_t>{T, BH, N} : std::vector<int64_t>{0}, q.options());
+  auto k_words = at::empty({T * BH * d, Wn}, q.options().dtype(at::kLong));  // filled by the kernel, kept if save
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* pp = p ? p->const_data_ptr<float>() : nullptr;
+  float* op = out.mutable_data_ptr<float>();
+  float* hp = save ? h.mutable_data_ptr<float>() : nullptr;
+  uint64_t* kw = reinterpret_cast<uint64_t*>(k_words.mutable_data_ptr<int64_t>());
+  std::atomic<bool> bad_any{false};
+  for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
+    const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
+    std::fill(s.state, s.state + L, 0.0f);
+    bool bad = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t block = t * BH + bh, off = block * d * N + n0;
+      bad |= cf_step_forward(qp + off, pp ? pp + off : nullptr, kp + off, d, N, L, static_cast<float>(tau),
+                             static_cast<float>(v_threshold), s, hp ? hp + block * N + n0 : s.h,
+                             kw + block * d * Wn + n0 / 64, Wn, op + off);
+    }
+    if (bad) bad_any.store(true, std::memory_order_relaxed);
+  });
+  if (!save) k_words = at::empty({0}, q.options().dtype(at::kLong));
+  return {out, h, k_words, !bad_any.load()};
+}
+
+std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
+    const at::Tensor& grad_out, const at::Tensor& k_words, const at::Tensor& h, double v_threshold, double tau) {
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat,
+              "token_attention_cf_backward: grad_out must be contiguous float32 [T, BH, d, N]");
+  const int64_t T = grad_out.size(0), BH = grad_out.size(1), d = grad_out.size(2), N = grad_out.size(3);
+  const int64_t Wn = words_for(N), chunks = (N + kCfTokens - 1) / kCfTokens;
+  TORCH_CHECK(k_words.dim() == 2 && k_words.size(0) == T * BH * d && k_words.size(1) == Wn &&
+                  k_words.is_contiguous() && k_words.scalar_type() == at::kLong,
+              "token_attention_cf_backward: k_words must be contiguous int64 [T*BH*d, ceil(N/64)]");
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == T && h.size(1) == BH && h.size(2) == N && h.scalar_type() == at::kFloat &&
+                  h.is_contiguous(),
+              "token_attention_cf_backward: h must be contiguous fp32 [T, BH, N]");
+  auto grad_s = at::empty({T, BH, N}, h.options());
+  auto grad_k = at::empty_like(grad_out);
+  const float* gp = grad_out.const_data_ptr<float>();
+  const uint64_t* kw = reinterpret_cast<const uint64_t*>(k_words.const_data_ptr<int64_t>());
+  const float* hp = h.const_data_ptr<float>();
+  float* gsp = grad_s.mutable_data_ptr<float>();
+  float* gkp = grad_k.mutable_data_ptr<float>();
+  for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
+    const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
+    std::fill(s.state, s.state + L, 0.0f);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t block = t * BH + bh, off = block * d * N + n0;
+      cf_step_backward(gp + off, kw + block * d * Wn + n0 / 64, Wn, hp + block * N + n0, d, N, L,
+                       static_cast<float>(tau), static_cast<float>(v_threshold), s, gsp + block * N + n0, gkp + off);
+    }
   });
   return {grad_s, grad_k};
 }
@@ -248,6 +338,77 @@ void token_rows_backward(const float* g, const uint64_t* k_words, const float* h
       const float ar = s.a[r];
       for (int64_t j = 0; j < d; ++j) grad_k[r * d + j] = ar * g[r * d + j];
     }
+  }
+}
+
+// sum[i] += x[i] for the L values of a row; true if one is not 0/1.
+inline __attribute__((always_inline)) bool add_row(const float* x, int64_t L, float* sum) {
+  int bad = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    sum[i] += x[i];  // counts of 0/1 values: exact in fp32
+    bad |= (x[i] != 0.0f) & (x[i] != 1.0f);
+  }
+  return bad;
+}
+
+SPIKEOPS_TOKEN_CLONES
+bool cf_step_forward(const float* q, const float* p, const float* k, int64_t d, int64_t N, int64_t L, float tau,
+                     float v_threshold, CfScratch& s, float* h, uint64_t* k_words, int64_t Wn, float* out) {
+  const LifConsts c{tau, v_threshold, 0.0f};
+  bool bad = false;
+  std::fill(s.sum, s.sum + L, 0.0f);
+  for (int64_t r = 0; r < d; ++r) bad |= add_row(q + r * N, L, s.sum);
+  if (p) {
+    for (int64_t r = 0; r < d; ++r) bad |= add_row(p + r * N, L, s.sum);
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    const float hv = lif_charge<true>(s.state[i], s.sum[i], c);
+    const bool fire = lif_fire(hv, c);
+    s.state[i] = lif_reset<true>(hv, fire, c);
+    h[i] = hv;
+    s.a[i] = fire ? 1.0f : 0.0f;
+  }
+  for (int64_t r = 0; r < d; ++r) {
+    const float* kr = k + r * N;
+    bad |= pack_rows(kr, 1, L, k_words + r * Wn);
+    float* o = out + r * N;
+    for (int64_t i = 0; i < L; ++i) o[i] = s.a[i] * kr[i];  // the reference's A * k (-0 included)
+  }
+  return bad;
+}
+
+SPIKEOPS_TOKEN_CLONES
+void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const float* h, int64_t d, int64_t N,
+                      int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s, float* grad_k) {
+  const LifConsts c{tau, v_threshold, 0.0f};
+  const Ints lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  float* grad_a = s.sum;
+  std::fill(grad_a, grad_a + L, 0.0f);
+  for (int64_t r = 0; r < d; ++r) {  // dA = sum_c dout * k: dout where k's bit is set, eight tokens a vector
+    const float* gr = g + r * N;
+    const uint64_t* w = k_words + r * Wn;
+    int64_t i = 0;
+    for (; i + 8 <= L; i += 8) {
+      const Ints lane = ((Ints{} + static_cast<int32_t>(w[i / 64] >> (i % 64))) & lane_bit) != 0;
+      Floats x, acc;
+      __builtin_memcpy(&x, gr + i, sizeof(x));
+      __builtin_memcpy(&acc, grad_a + i, sizeof(acc));
+      acc += reinterpret_cast<Floats>(reinterpret_cast<Ints>(x) & lane);
+      __builtin_memcpy(grad_a + i, &acc, sizeof(acc));
+    }
+    for (; i < L; ++i) {
+      if ((w[i / 64] >> (i % 64)) & 1) grad_a[i] += gr[i];
+    }
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    const float dist = lif_distance(h[i], c);
+    s.a[i] = __builtin_signbit(dist) ? 0.0f : 1.0f;
+    grad_s[i] = lif_grad_step<true, true>(dist, surrogate_grad<kSigmoid>(dist, 4.0f), grad_a[i], s.state[i], c, true);
+  }
+  for (int64_t r = 0; r < d; ++r) {  // the reference's dout * A
+    const float* gr = g + r * N;
+    float* gk = grad_k + r * N;
+    for (int64_t i = 0; i < L; ++i) gk[i] = s.a[i] * gr[i];
   }
 }
 
