@@ -28,7 +28,9 @@ module rows, ~1 s a call on CPU, are marked slow and get a quarter of the repeat
 Op shapes (``--shapes``), MSViT stage 1 (D/2 = 192 channels, 8 heads, d = 24, T = 4), q, k, p
 random spikes of density 0.15 shaped [T, B, H, N, d]: ``cifar`` (N = 1024 tokens, B = 8; one eager
 fwd+bwd takes well under 2 s on 2 CPU cores, so the full training batch is kept) and ``imagenet``
-(N = 3136 tokens = 56x56, B = 2). The shape names that other bench modules use (``python -m
+(N = 3136 tokens = 56x56, B = 2); ``cifar_modules_layout``: the cifar shape as the modules hold it,
+[T, B, H, N, d] views of contiguous [T, B, H, d, N] tensors (heads of [T, B, C, N] conv1d
+outputs; the C++ backend has kernels for that layout, eager runs on the same views). The shape names that other bench modules use (``python -m
 bench.run --shapes main``) map to: ``small`` -> cifar, ``main`` -> everything, ``large`` -> nothing
 here; other unknown names are skipped under ``bench.run``.
 
@@ -60,9 +62,11 @@ import spikeops
 from bench import harness as H
 from bench.eager import SJ_ERROR, py_lif, reset, sjlif
 
-OP_SHAPES = {"cifar": (4, 8, 8, 1024, 24), "imagenet": (4, 2, 8, 3136, 24)}  # T, B, H, N, d
+OP_SHAPES = {"cifar": (4, 8, 8, 1024, 24), "imagenet": (4, 2, 8, 3136, 24),  # T, B, H, N, d
+             "cifar_modules_layout": (4, 8, 8, 1024, 24)}
+CHANNELS_FIRST = {"cifar_modules_layout"}  # [T, B, H, N, d] views of contiguous [T, B, H, d, N]
 MODULE_SHAPE, MODULE_DIM, MODULE_HEADS = (4, 4, 192, 1024), 192, 8  # x [T, B, C, N]
-SECTIONS = ("cifar", "imagenet", "module")
+SECTIONS = ("cifar", "imagenet", "cifar_modules_layout", "module")
 ALIASES = {"small": ("cifar",), "main": SECTIONS, "large": ()}  # names other bench modules use
 VARIANTS = {"MSSA (q, k, p)": True, "QK (q, k)": False}  # name -> with p
 DENSITY = 0.15
@@ -232,7 +236,8 @@ def bench_op(q, k, p, args) -> dict:
     inputs = [x.detach().clone().requires_grad_(True) for x in ((q, k) if p is None else (q, k, p))]
     qg, kg = inputs[:2]
     pg = inputs[2] if p is not None else None
-    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dev, q.dtype)
+    # laid out like q (as a module's conv1d backward hands it back in the channels-first layout)
+    g = torch.empty_like(q).copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(1)))
 
     def fb(f):
         return lambda: torch.autograd.grad(f(qg, kg, pg), inputs, g)
@@ -362,6 +367,7 @@ def pct(x: Optional[float]) -> str:
 def print_op(dev, name: str, entry: dict) -> None:
     T, B, Hh, N, d = entry["shape"]
     print(f"\n## token attention on {dev} | {name}: T={T} B={B} H={Hh} N={N} d={d} (C={Hh * d}) {entry['dtype']}, "
+          f"memory layout {entry['layout']}, "
           f"spike density {DENSITY} | backend {entry['backend']} | {torch.get_num_threads()} threads | "
           f"malloc {entry['malloc']}")
     for variant, v in entry["variants"].items():
@@ -445,9 +451,14 @@ def run_device(dev: torch.device, names: list[str], args) -> dict:
     for name in names:
         if name in OP_SHAPES:
             gen = torch.Generator().manual_seed(0)
-            q, k, p = (spikes(OP_SHAPES[name], gen, dev, dtype) for _ in range(3))
+            T, B, Hh, N, d = OP_SHAPES[name]
+            if name in CHANNELS_FIRST:
+                q, k, p = (spikes((T, B, Hh, d, N), gen, dev, dtype).mT for _ in range(3))
+            else:
+                q, k, p = (spikes(OP_SHAPES[name], gen, dev, dtype) for _ in range(3))
             backend, _ = try_call(lambda: spikeops.backend.resolve(q, "auto"))
             entry = {"shape": list(OP_SHAPES[name]), "dtype": args.dtype, "malloc": malloc, "backend": backend,
+                     "layout": "[T, B, H, d, N] (transposed views)" if name in CHANNELS_FIRST else "[T, B, H, N, d]",
                      "variants": {v: bench_op(q, k, p if with_p else None, args) for v, with_p in VARIANTS.items()}}
             print_op(dev, name, entry)
             del q, k, p
