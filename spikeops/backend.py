@@ -112,6 +112,7 @@ def direct_call_ok(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks once while tracing (no import_module in the graph)
 def has_kernel(op: str, fn: str, backend: str) -> bool:
     """True when ``backend`` has the raw kernel ``fn`` of ``op`` (see :func:`kernel`); ops use it
     for kernels that only some backends have, falling back to a composite of the others."""

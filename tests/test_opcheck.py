@@ -86,19 +86,18 @@ def cases(backend):
     out += [(OPS.masked_batch_norm_backward, (gy, vis, m, wb.detach(), mean, invstd, True, True, True, True, backend)),
             (OPS.masked_batch_norm_backward, (gy, vis, m, wb.detach(), mean, invstd, False, True, True, False,
                                               backend))]
+    # token attention in the channels-first layout [T, BH, d, N] (N = 70: a partial word)
+    q, k, p = (spikes(2, 3, 5, 70, seed=i, device=d).requires_grad_() for i in range(3))
+    out += [(OPS.token_attention_cf_forward, (q, k, p, 0.5, 2.0, True, backend)),
+            (OPS.token_attention_cf_forward, (q.detach(), k.detach(), None, 0.5, 2.0, False, backend))]
+    _, h_cf, kw_cf = OPS.token_attention_cf_forward(q.detach(), k.detach(), None, 0.5, 2.0, True, backend)
+    out.append((OPS.token_attention_cf_backward, (randn(2, 3, 5, 70, seed=10, device=d), kw_cf, h_cf, 0.5, 2.0,
+                                                  backend)))
     # kernels that only some backends have go last, so that the indices above match across backends
     if spikeops.backend.has_kernel("ssa", "ssa_backward", backend):
         q, k, v = (spikes(2, 3, 9, 70, seed=i, device=d) for i in range(3))
         _, qw, kw, vw = OPS.ssa_forward(q, k, v, 0.125, 0.5, 2.0, True, backend)
         out.append((OPS.ssa_backward, (randn(2, 3, 9, 70, seed=9, device=d), qw, kw, vw, 0.125, 0.5, 2.0, backend)))
-    if spikeops.backend.has_kernel("token_attention", "token_attention_cf_forward", backend):
-        # token attention in the channels-first layout [T, BH, d, N] (N = 70: a partial word)
-        q, k, p = (spikes(2, 3, 5, 70, seed=i, device=d).requires_grad_() for i in range(3))
-        out += [(OPS.token_attention_cf_forward, (q, k, p, 0.5, 2.0, True, backend)),
-                (OPS.token_attention_cf_forward, (q.detach(), k.detach(), None, 0.5, 2.0, False, backend))]
-        _, h_cf, kw_cf = OPS.token_attention_cf_forward(q.detach(), k.detach(), None, 0.5, 2.0, True, backend)
-        out.append((OPS.token_attention_cf_backward, (randn(2, 3, 5, 70, seed=10, device=d), kw_cf, h_cf, 0.5, 2.0,
-                                                      backend)))
     return out
 
 

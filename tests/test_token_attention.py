@@ -110,16 +110,18 @@ def test_bad_input_is_rejected():
         spikeops.token_attention(q, k.to(torch.int8))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", ["q", "k", "p"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_non_binary_input_in_the_modules_layout_is_named(name, grad):
+def test_non_binary_input_in_the_modules_layout_is_named(name, grad, backend):
     # heads of [T, B, C, N] activations: [T, B, H, N, d] views of contiguous [T, B, H, d, N]
-    named = {n: spikes((2, 1, 2, 5, 64), 5, seed).transpose(-1, -2) for seed, n in enumerate("qkp")}
+    named = {n: spikes((2, 1, 2, 5, 64), 5, seed, device_for(backend)).transpose(-1, -2)
+             for seed, n in enumerate("qkp")}
     named[name] = named[name] * 2
     if grad:
         named = {n: x.requires_grad_() for n, x in named.items()}
     with pytest.raises(ValueError, match=f"{name} must hold only 0 and 1"):
-        spikeops.token_attention(named["q"], named["k"], named["p"], backend="cpp")
+        spikeops.token_attention(named["q"], named["k"], named["p"], backend=backend)
 
 
 class OpNames(TorchDispatchMode):
@@ -134,20 +136,22 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("with_p", [False, True])
-@pytest.mark.parametrize("N", [64, 300])
-def test_modules_layout_runs_its_own_kernels_and_matches_reference(N, with_p):
-    # [T, B, H, N, d] views of contiguous [T, B, H, d, N] (the modules' heads), N over more than one
-    # run of 256 tokens and not a whole number of 64-bit words
-    shape = (3, 2, 2, 6, N)
-    tensors = [spikes(shape[:3] + (N, 6), 6, seed).transpose(-1, -2) for seed in range(3 if with_p else 2)]
+@pytest.mark.parametrize("N", [64, 1100])
+def test_modules_layout_runs_its_own_kernels_and_matches_reference(backend, N, with_p):
+    # [T, B, H, N, d] views of contiguous [T, B, H, d, N] (the modules' heads); N = 1100: more than
+    # one C++ run of 1024 tokens and not a whole number of 64-bit words
+    device = device_for(backend)
+    shape = (3, 1, 2, N, 6)
+    tensors = [spikes((3, 1, 2, 6, N), 6, seed, device).mT for seed in range(3 if with_p else 2)]
     assert not tensors[0].is_contiguous() and tensors[0].mT.is_contiguous()
-    grad = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device)
     with OpNames() as ops:
-        out, grads = run(lambda *x: spikeops.token_attention(*x, backend="cpp"), tensors, grad)
+        out, grads = run(lambda *x: spikeops.token_attention(*x, backend=backend), tensors, grad)
     assert {"spikeops.token_attention_cf_forward", "spikeops.token_attention_cf_backward"} <= ops.names
-    expected, ref_grads = run(reference.token_attention, tensors, grad)
-    assert torch.equal(out, expected) and 0 < expected.sum()
+    expected, ref_grads = run(reference.token_attention, [t.cpu() for t in tensors], grad.cpu())
+    assert torch.equal(out.cpu(), expected) and 0 < expected.sum()
     for g, rg in zip(grads, ref_grads):
         assert_grads_close(g, rg, rtol=1e-5)
 

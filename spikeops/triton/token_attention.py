@@ -47,6 +47,35 @@ def token_attention_backward(grad_out, k_words, h, v_threshold, tau):
     return grad_s, grad_k
 
 
+def token_attention_cf_forward(q, k, p, v_threshold, tau, save):
+    """The channels-first layout: q, k, p [T, BH, d, N] contiguous -> (out, H [T, BH, N] fp32 and k
+    packed along N [T*BH*d, ceil(N/64)] (empty unless save), all inputs 0/1)."""
+    T, BH, d, N = q.shape
+    W = triton.cdiv(N, 64)
+    out = torch.empty_like(q)
+    h = torch.empty((T, BH, N) if save else (0,), device=q.device, dtype=torch.float32)
+    k_words = torch.empty((T * BH * d, W) if save else (0,), device=q.device, dtype=torch.int64)
+    bad = torch.zeros((BH, W), device=q.device, dtype=torch.int32)
+    _cf_forward_kernel[(BH, W)](
+        q, k, p if p is not None else q, out, h if save else out, k_words if save else bad, bad, T, BH, d, N, W,
+        float(v_threshold), float(tau), HAS_P=p is not None, SAVE=bool(save), BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out, h, k_words, not bool(bad.any())
+
+
+def token_attention_cf_backward(grad_out, k_words, h, v_threshold, tau):
+    """grad_out [T, BH, d, N], k packed along N, H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk)."""
+    T, BH, d, N = grad_out.shape
+    W = triton.cdiv(N, 64)
+    grad_s = torch.empty((T, BH, N), device=h.device, dtype=torch.float32)
+    grad_k = torch.empty_like(grad_out)
+    _cf_backward_kernel[(BH, W)](
+        grad_out, k_words, h, grad_s, grad_k, T, BH, d, N, W, float(v_threshold), float(tau), ALPHA,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    return grad_s, grad_k
+
+
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, bad_ptr, T, R, d, v_threshold, tau,
@@ -101,4 +130,68 @@ def _backward_kernel(
         sg = alpha * e / ((1.0 + e) * (1.0 + e))
         gh = tl.sum(g * k, axis=1) * sg + gv * tl.where(fire, 0.0, 1.0)
         tl.store(gs_ptr + t * R + rows, tl.math.div_rn(gh, tau_v), mask=rows < R)
+        gv = gh - tl.math.div_rn(gh, tau_v)
+
+
+@triton.jit
+def _cf_forward_kernel(
+    q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, kw_ptr, bad_ptr, T, BH, d, N, W, v_threshold, tau,
+    HAS_P: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program: the 64 tokens of word column w of one head, over all t; a [BLOCK_D, 64] tile
+    per step (channels down, tokens across), the neuron's potential per token in registers."""
+    bh, w = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_D)
+    cols = w * 64 + tl.arange(0, 64)
+    mask = (rows[:, None] < d) & (cols[None, :] < N)
+    weights = tl.full([64], 1, tl.int64) << tl.arange(0, 64).to(tl.int64)
+    tau_v = tl.zeros([64], dtype=tl.float32) + tau
+    v = tl.zeros([64], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_D, 64], dtype=tl.int32)
+    for t in range(T):
+        block = t * BH + bh
+        offs = (block * d + rows[:, None]) * N + cols[None, :]
+        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bad |= tl.where(((q != 0.0) & (q != 1.0)) | ((k != 0.0) & (k != 1.0)), 1, 0)
+        s = tl.sum(q, axis=0)
+        if HAS_P:
+            pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
+            s = s + tl.sum(pv, axis=0)
+        h = v + tl.math.div_rn(s - v, tau_v)
+        fire = (h - v_threshold) >= 0.0
+        if SAVE:
+            tl.store(h_ptr + block * N + cols, h, mask=cols < N)
+            bits = tl.where(k != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
+            tl.store(kw_ptr + (block * d + rows) * W + w, tl.sum(bits, axis=1), mask=rows < d)
+        tl.store(out_ptr + offs, tl.where(fire[None, :], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+        v = tl.where(fire, 0.0, h)
+    tl.store(bad_ptr + bh * W + w, tl.max(tl.max(bad, axis=1), axis=0))
+
+
+@triton.jit
+def _cf_backward_kernel(
+    g_ptr, kw_ptr, h_ptr, gs_ptr, gk_ptr, T, BH, d, N, W, v_threshold, tau, alpha, BLOCK_D: tl.constexpr,
+):
+    bh, w = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_D)
+    cols = w * 64 + tl.arange(0, 64)
+    mask = (rows[:, None] < d) & (cols[None, :] < N)
+    tau_v = tl.zeros([64], dtype=tl.float32) + tau
+    gv = tl.zeros([64], dtype=tl.float32)
+    for i in range(T):
+        block = (T - 1 - i) * BH + bh
+        offs = (block * d + rows[:, None]) * N + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        word = tl.load(kw_ptr + (block * d + rows) * W + w, mask=rows < d, other=0)
+        k = tl.where(((word[:, None] >> tl.arange(0, 64).to(tl.int64)[None, :]) & 1) != 0, 1.0, 0.0)
+        h = tl.load(h_ptr + block * N + cols, mask=cols < N, other=0.0)
+        dist = h - v_threshold
+        fire = dist >= 0.0
+        tl.store(gk_ptr + offs, tl.where(fire[None, :], g, 0.0).to(gk_ptr.dtype.element_ty), mask=mask)
+        e = tl.exp(-tl.abs(alpha * dist))
+        sg = alpha * e / ((1.0 + e) * (1.0 + e))
+        gh = tl.sum(g * k, axis=0) * sg + gv * tl.where(fire, 0.0, 1.0)
+        tl.store(gs_ptr + block * N + cols, tl.math.div_rn(gh, tau_v), mask=cols < N)
         gv = gh - tl.math.div_rn(gh, tau_v)
