@@ -5,9 +5,10 @@
 #
 # Uses the machine's own python3/torch/triton and the source tree as is (no build: the C++
 # kernels are for CPU tensors and are tested on CPU). SpikingJelly and loguru, when not installed
-# there, are read from .gpu/site (copied beside the tree: see BENCHMARKS.md). Each step has its
-# own time limit (seconds, overridable: TEST_S, BENCH_S) so that one slow or failing step leaves
-# the others their time; everything is logged under $OUT and bench/results/*_cuda.* is copied there.
+# there, are read from .gpu/site (copy them there from a venv; .gpu/ is git-ignored locally and
+# carried to the device). Each step has its own time limit (seconds, overridable: TEST_S, BENCH_S;
+# BENCH_S="" runs no bench) so that one slow or failing step leaves the others their time;
+# everything is logged under $OUT, and bench/results/ is archived there as results.tgz.
 set -u
 OUT=${OUT:-/tmp/spikeops_gpu}
 mkdir -p "$OUT"
@@ -15,7 +16,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONP
 # spikeops.models is the top-level models/ folder (setup.py's package_dir): link it for the bare tree
 [ -e spikeops/models ] || ln -s ../models spikeops/models
 TEST_S=${TEST_S:-130}
-BENCH_S=${BENCH_S:-"ssa:60 token_attention:60 train_step:150 lif:35 masked_conv:45"}
+BENCH_S=${BENCH_S-"ssa:60 token_attention:60 train_step:150 lif:35 masked_conv:45"}
 REPEATS=${REPEATS:-20}
 
 {
