@@ -42,8 +42,12 @@ class _BatchNormLIF(torch.autograd.Function):
         # the forward's BN output, bit for bit: same kernel, same input, same statistics source
         z = torch.ops.aten.native_batch_norm(y, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps)[0]
         args = ctx.lif_args
-        _, h = _lif_forward(z.view(ctx.T, -1), *args, True, False, ctx.backend)
+        # only H is needed: the recomputed spikes, then Z, then H are dropped as soon as they are
+        # used (each is a tensor the size of y, alive at this layer's peak otherwise)
+        h = _lif_forward(z.view(ctx.T, -1), *args, True, False, ctx.backend)[1]
+        del z
         grad_z = _lif_backward(grad_spikes.contiguous().view(ctx.T, -1), h, *args, ctx.backend)
+        del h
         needs = ctx.needs_input_grad
         grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_z.view(y.shape), y, weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps,
