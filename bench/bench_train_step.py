@@ -73,6 +73,14 @@ def builds(case: dict, dev: torch.device) -> dict[str, nn.Module]:
     return out
 
 
+def random_batch(case: dict, batch: int, model: nn.Module, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random images ``[batch, 3, img, img]`` and labels for ``model``'s classes."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 3, case["img"], case["img"], generator=gen).to(dev)
+    y = torch.randint(0, model.head.fc.out_features, (batch,), generator=gen).to(dev)
+    return x, y
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
     def step():
         opt.zero_grad(set_to_none=True)
@@ -99,9 +107,7 @@ def bench_case(key: str, dev: torch.device, args) -> dict:
     case = CASES[key]
     batch = case["batch"][dev.type]
     models = builds(case, dev)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(batch, 3, case["img"], case["img"], generator=gen).to(dev)
-    y = torch.randint(0, models["spikeops"].head.fc.out_features, (batch,), generator=gen).to(dev)
+    x, y = random_batch(case, batch, models["spikeops"], dev)
     steps = {n: train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), x, y) for n, m in models.items()}
     reps = max(3, min(args.repeats, 5)) if dev.type == "cpu" else max(5, args.repeats // 2)
     times = H.time_interleaved(steps, {n: reps for n in steps}, max(1, args.warmup), dev)

@@ -61,9 +61,7 @@ def main(argv=None) -> None:
     dev = torch.device(args.device)
     case = {**ts.CASES[args.case], "batch": {dev.type: args.batch}}
     models = ts.builds(case, dev)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(args.batch, 3, case["img"], case["img"], generator=gen).to(dev)
-    y = torch.randint(0, models["spikeops"].head.fc.out_features, (args.batch,), generator=gen).to(dev)
+    x, y = ts.random_batch(case, args.batch, models["spikeops"], dev)
     print(f"## {case['model']} b{args.batch} {case['img']}px on {dev}: peak live tensor MB in forward + backward "
           f"(parameters and their gradients excluded)")
     peaks = {}

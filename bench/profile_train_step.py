@@ -73,9 +73,7 @@ def main(argv=None) -> None:
         parser.error(f"case {args.case} has no batch size for {dev.type}")
     models = ts.builds(case, dev)
     batch = case["batch"][dev.type]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(batch, 3, case["img"], case["img"], generator=gen).to(dev)
-    y = torch.randint(0, models["spikeops"].head.fc.out_features, (batch,), generator=gen).to(dev)
+    x, y = ts.random_batch(case, batch, models["spikeops"], dev)
     print(f"## {case['model']} b{batch} T{models['spikeops'].T} {case['img']}px on {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))
     results = {}
