@@ -72,8 +72,8 @@ def _(grad_out, k_words, h, v_threshold, tau, backend):
 # Modules hold q, k, p as [T, B, C, N] (conv1d outputs: a head's d channels before its tokens), so
 # their [T, B, H, N, d] heads are transposed views of contiguous [T, B, H, d, N] tensors. Rather
 # than four transposing copies (q, k, p in, out back) plus two in backward, each several times the
-# cost of the kernel's own pass, the C++ backend has kernels for that layout: the same math and
-# saved state (H; K as bits, packed along N there), spikes bit for bit the same.
+# cost of the kernel's own pass, the C++ and Triton backends have kernels for that layout (fp32):
+# the same math and saved state (H; K as bits, packed along N there), spikes bit for bit the same.
 
 @torch.library.custom_op("spikeops::token_attention_cf_forward", mutates_args=())
 def _cf_forward(
