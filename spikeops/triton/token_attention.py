@@ -77,6 +77,24 @@ def token_attention_cf_backward(grad_out, k_words, h, v_threshold, tau):
 
 
 @triton.jit
+def _neuron_step(v, s, tau_v, v_threshold):
+    """One step of the attention neuron (decay_input, hard reset to 0) on the sums s: (H, fire, V)."""
+    h = v + tl.math.div_rn(s - v, tau_v)
+    fire = (h - v_threshold) >= 0.0
+    return h, fire, tl.where(fire, 0.0, h)
+
+
+@triton.jit
+def _neuron_backward_step(h, grad_a, gv, tau_v, v_threshold, alpha):
+    """One step back (sigmoid surrogate, detach_reset): (dL/dS, dL/dV for step t - 1)."""
+    dist = h - v_threshold
+    e = tl.exp(-tl.abs(alpha * dist))
+    sg = alpha * e / ((1.0 + e) * (1.0 + e))
+    gh = grad_a * sg + gv * tl.where(dist >= 0.0, 0.0, 1.0)
+    return tl.math.div_rn(gh, tau_v), gh - tl.math.div_rn(gh, tau_v)
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, bad_ptr, T, R, d, v_threshold, tau,
     HAS_P: tl.constexpr, SAVE_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -98,12 +116,10 @@ def _forward_kernel(
             pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
             s = s + tl.sum(pv, axis=1)
-        h = v + tl.math.div_rn(s - v, tau_v)
-        fire = (h - v_threshold) >= 0.0
+        h, fire, v = _neuron_step(v, s, tau_v, v_threshold)
         if SAVE_H:
             tl.store(h_ptr + t * R + rows, h, mask=rows < R)
         tl.store(out_ptr + offs, tl.where(fire[:, None], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
-        v = tl.where(fire, 0.0, h)
     tl.store(bad_ptr + pid, tl.max(tl.max(bad, axis=1), axis=0))
 
 
@@ -123,14 +139,10 @@ def _backward_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + t * R + rows, mask=rows < R, other=0.0)
-        dist = h - v_threshold
-        fire = dist >= 0.0
+        fire = (h - v_threshold) >= 0.0
         tl.store(gk_ptr + offs, tl.where(fire[:, None], g, 0.0).to(gk_ptr.dtype.element_ty), mask=mask)
-        e = tl.exp(-tl.abs(alpha * dist))
-        sg = alpha * e / ((1.0 + e) * (1.0 + e))
-        gh = tl.sum(g * k, axis=1) * sg + gv * tl.where(fire, 0.0, 1.0)
-        tl.store(gs_ptr + t * R + rows, tl.math.div_rn(gh, tau_v), mask=rows < R)
-        gv = gh - tl.math.div_rn(gh, tau_v)
+        gs, gv = _neuron_backward_step(h, tl.sum(g * k, axis=1), gv, tau_v, v_threshold, alpha)
+        tl.store(gs_ptr + t * R + rows, gs, mask=rows < R)
 
 
 @triton.jit
@@ -159,14 +171,12 @@ def _cf_forward_kernel(
             pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
             s = s + tl.sum(pv, axis=0)
-        h = v + tl.math.div_rn(s - v, tau_v)
-        fire = (h - v_threshold) >= 0.0
+        h, fire, v = _neuron_step(v, s, tau_v, v_threshold)
         if SAVE:
             tl.store(h_ptr + block * N + cols, h, mask=cols < N)
             bits = tl.where(k != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
             tl.store(kw_ptr + (block * d + rows) * W + w, tl.sum(bits, axis=1), mask=rows < d)
         tl.store(out_ptr + offs, tl.where(fire[None, :], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
-        v = tl.where(fire, 0.0, h)
     tl.store(bad_ptr + bh * W + w, tl.max(tl.max(bad, axis=1), axis=0))
 
 
@@ -187,11 +197,7 @@ def _cf_backward_kernel(
         word = tl.load(kw_ptr + (block * d + rows) * W + w, mask=rows < d, other=0)
         k = tl.where(((word[:, None] >> tl.arange(0, 64).to(tl.int64)[None, :]) & 1) != 0, 1.0, 0.0)
         h = tl.load(h_ptr + block * N + cols, mask=cols < N, other=0.0)
-        dist = h - v_threshold
-        fire = dist >= 0.0
+        fire = (h - v_threshold) >= 0.0
         tl.store(gk_ptr + offs, tl.where(fire[None, :], g, 0.0).to(gk_ptr.dtype.element_ty), mask=mask)
-        e = tl.exp(-tl.abs(alpha * dist))
-        sg = alpha * e / ((1.0 + e) * (1.0 + e))
-        gh = tl.sum(g * k, axis=0) * sg + gv * tl.where(fire, 0.0, 1.0)
-        tl.store(gs_ptr + block * N + cols, tl.math.div_rn(gh, tau_v), mask=cols < N)
-        gv = gh - tl.math.div_rn(gh, tau_v)
+        gs, gv = _neuron_backward_step(h, tl.sum(g * k, axis=0), gv, tau_v, v_threshold, alpha)
+        tl.store(gs_ptr + block * N + cols, gs, mask=cols < N)
