@@ -240,14 +240,20 @@ namespace {
 typedef float Floats __attribute__((vector_size(32)));
 typedef int32_t Ints __attribute__((vector_size(32)));
 
-// The sum of g[j] over the set bits j of the row's words: eight lanes at a time, masked by the
-// bits (each lane tests its bit of a broadcast byte), then the lanes and a scalar tail.
-inline __attribute__((always_inline)) float masked_sum(const float* g, const uint64_t* words, int64_t d) {
+// All-ones lanes where bits j .. j + 7 of a run of words are set (j a multiple of 8): each lane
+// tests its bit of a broadcast byte.
+inline __attribute__((always_inline)) Ints bit_lanes(const uint64_t* words, int64_t j) {
   const Ints lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  return ((Ints{} + static_cast<int32_t>(words[j / 64] >> (j % 64))) & lane_bit) != 0;
+}
+
+// The sum of g[j] over the set bits j of the row's words: eight lanes at a time, masked by the
+// bits, then the lanes and a scalar tail.
+inline __attribute__((always_inline)) float masked_sum(const float* g, const uint64_t* words, int64_t d) {
   Floats acc = {};
   int64_t j = 0;
   for (; j + 8 <= d; j += 8) {
-    const Ints lane = ((Ints{} + static_cast<int32_t>(words[j / 64] >> (j % 64))) & lane_bit) != 0;
+    const Ints lane = bit_lanes(words, j);
     Floats x;
     __builtin_memcpy(&x, g + j, sizeof(x));
     acc += reinterpret_cast<Floats>(reinterpret_cast<Ints>(x) & lane);
@@ -381,7 +387,6 @@ SPIKEOPS_TOKEN_CLONES
 void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const float* h, int64_t d, int64_t N,
                       int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s, float* grad_k) {
   const LifConsts c{tau, v_threshold, 0.0f};
-  const Ints lane_bit = {1, 2, 4, 8, 16, 32, 64, 128};
   float* grad_a = s.sum;
   std::fill(grad_a, grad_a + L, 0.0f);
   for (int64_t r = 0; r < d; ++r) {  // dA = sum_c dout * k: dout where k's bit is set, eight tokens a vector
@@ -389,7 +394,7 @@ void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const
     const uint64_t* w = k_words + r * Wn;
     int64_t i = 0;
     for (; i + 8 <= L; i += 8) {
-      const Ints lane = ((Ints{} + static_cast<int32_t>(w[i / 64] >> (i % 64))) & lane_bit) != 0;
+      const Ints lane = bit_lanes(w, i);
       Floats x, acc;
       __builtin_memcpy(&x, gr + i, sizeof(x));
       __builtin_memcpy(&acc, grad_a + i, sizeof(acc));
