@@ -17,6 +17,11 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
     const at::Tensor& x, double tau, double v_threshold, double v_reset,
     bool hard_reset, bool decay_input, bool save_h, bool state_bf16);
 
+// The fp32 state H [T, N] alone, as lif_forward computes it (no spike tensor): for backward
+// passes that recompute the neuron's state.
+at::Tensor lif_state(const at::Tensor& x, double tau, double v_threshold, double v_reset, bool hard_reset,
+                     bool decay_input);
+
 // grad_spikes: [T, N] (any float dtype), h: [T, N] state from lif_forward (fp32 or bf16).
 // Returns grad_x [T, N] in grad_spikes' dtype.
 at::Tensor lif_backward(

@@ -89,6 +89,19 @@ def test_long_sequences(backend):
     assert_grads_close(gx, ref_gx)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v_reset,decay_input", [(0.0, True), (None, False), (-0.4, True)])
+def test_state_alone_is_the_state_forward_saves(backend, dtype, v_reset, decay_input):
+    # lif_state: what backward passes that recompute the neuron use (batch_norm_lif, SSA)
+    from spikeops.ops.lif import _lif_forward, _lif_state
+    x = lif_input((5, 1000), dtype, device_for(backend))
+    args = (1.7, 0.6, 0.0 if v_reset is None else v_reset, v_reset is not None, decay_input)
+    spikes, saved = _lif_forward(x, *args, True, 0, 4.0, True, False, backend)
+    h = _lif_state(x, *args, backend)
+    assert h.dtype == torch.float32 and torch.equal(h, saved) and 0 < spikes.sum() < spikes.numel()
+
+
 def test_cpp_spreads_many_neurons_over_threads_without_changing_results():
     x, grad = lif_input((4, 3, 40000)), lif_input((4, 3, 40000), seed=9)
     spikes, gx = forward_backward(lambda t: spikeops.lif(t, backend="cpp"), x, grad)

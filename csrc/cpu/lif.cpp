@@ -127,14 +127,13 @@ void load_state(const float* h, const uint16_t* h_bf16, float* d, int64_t n, Lif
 
 constexpr int64_t kGrain = 4 * kChunk;
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> lif_forward(
+// lif_forward, and lif_state (write_spikes false: H alone, no spike tensor).
+std::tuple<at::Tensor, at::Tensor> lif_run(
     const at::Tensor& x, double tau, double v_threshold, double v_reset,
-    bool hard_reset, bool decay_input, bool save_h, bool state_bf16) {
+    bool hard_reset, bool decay_input, bool save_h, bool state_bf16, bool write_spikes) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lif_forward: x must be contiguous [T, N]");
   const int64_t T = x.size(0), N = x.size(1);
-  auto spikes = at::empty_like(x);
+  auto spikes = write_spikes ? at::empty_like(x) : at::empty({0}, x.options());
   const auto state_type = state_bf16 ? at::kBFloat16 : at::kFloat;
   auto h = save_h ? at::empty({T, N}, x.options().dtype(state_type))
                   : at::empty({0}, x.options().dtype(state_type));
@@ -142,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
                     static_cast<float>(hard_reset ? v_reset : 0.0)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* sp = spikes.mutable_data_ptr<scalar_t>();
+    scalar_t* sp = write_spikes ? spikes.mutable_data_ptr<scalar_t>() : nullptr;
     float* hp = save_h && !state_bf16 ? h.mutable_data_ptr<float>() : nullptr;
     uint16_t* hbp = save_h && state_bf16 ? reinterpret_cast<uint16_t*>(h.mutable_data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
@@ -152,16 +151,29 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
         std::fill(v, v + n, c.v_reset);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t off = t * N + c0;
-          float* s_out = float_out(sp + off, sbuf);
+          float* s_out = sp ? float_out(sp + off, sbuf) : sbuf;
           step_forward(as_float(xp + off, xbuf, n), v, s_out, hp ? hp + off : hbuf, n, c,
                        hard_reset, decay_input);
-          store_from_float(sp + off, s_out, n);
+          if (sp) store_from_float(sp + off, s_out, n);
           if (hbp) store_state_bf16(hbuf, hbp + off, n, c);
         }
       }
     });
   });
   return {spikes, h};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lif_forward(
+    const at::Tensor& x, double tau, double v_threshold, double v_reset,
+    bool hard_reset, bool decay_input, bool save_h, bool state_bf16) {
+  return lif_run(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h, state_bf16, true);
+}
+
+at::Tensor lif_state(const at::Tensor& x, double tau, double v_threshold, double v_reset, bool hard_reset,
+                     bool decay_input) {
+  return std::get<1>(lif_run(x, tau, v_threshold, v_reset, hard_reset, decay_input, true, false, false));
 }
 
 at::Tensor lif_backward(

@@ -6,7 +6,7 @@ dim 1, statistics shared across time steps) or ``[T*B*N, C]``; the LIF runs over
 Unfused, autograd keeps BatchNorm's input ``Y`` (fp32) *and* the neuron's membrane state
 ``H`` (fp32): 8 bytes per neuron per step. Here only ``Y`` is kept. Backward recomputes
 ``Z = BN(Y)`` with the same aten kernel and the same batch statistics (bit-identical to the
-forward's ``Z``), reruns the LIF forward kernel on it to get ``H``, and then runs the LIF and
+forward's ``Z``), reruns the LIF forward kernel on it for ``H`` alone (``lif_state``), and then runs the LIF and
 BatchNorm backward kernels, so the gradients are those of the two layers called in turn. The
 extra work is one elementwise BatchNorm pass and one LIF forward pass: no matmul or conv.
 
@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from spikeops import backend as _backend
 from spikeops._validation import check_float_tensor
-from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward
+from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward, _lif_state
 
 
 class _BatchNormLIF(torch.autograd.Function):
@@ -42,9 +42,9 @@ class _BatchNormLIF(torch.autograd.Function):
         # the forward's BN output, bit for bit: same kernel, same input, same statistics source
         z = torch.ops.aten.native_batch_norm(y, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps)[0]
         args = ctx.lif_args
-        # only H is needed: the recomputed spikes, then Z, then H are dropped as soon as they are
-        # used (each is a tensor the size of y, alive at this layer's peak otherwise)
-        h = _lif_forward(z.view(ctx.T, -1), *args, True, False, ctx.backend)[1]
+        # only H is needed (no spikes); Z, then H are dropped as soon as they are used (each is a
+        # tensor the size of y, alive at this layer's peak otherwise)
+        h = _lif_state(z.view(ctx.T, -1), *args[:5], ctx.backend)
         del z
         grad_z = _lif_backward(grad_spikes.contiguous().view(ctx.T, -1), h, *args, ctx.backend)
         del h

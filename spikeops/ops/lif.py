@@ -99,6 +99,21 @@ def _(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach
     return torch.empty_like(grad_spikes)
 
 
+@torch.library.custom_op("spikeops::lif_state", mutates_args=())
+def _lif_state(
+    x: torch.Tensor, tau: float, v_threshold: float, v_reset: float, hard_reset: bool, decay_input: bool,
+    backend: str,
+) -> torch.Tensor:
+    """x [T, N] contiguous -> the fp32 state H [T, N] that lif_forward saves, without the spikes:
+    for backward passes that recompute the neuron's state (one tensor less alive at their peak)."""
+    return _backend.kernel("lif", "lif_state", backend)(x, tau, v_threshold, v_reset, hard_reset, decay_input)
+
+
+@_lif_state.register_fake
+def _(x, tau, v_threshold, v_reset, hard_reset, decay_input, backend):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
     (_, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, _, _, backend) = inputs
     ctx.save_for_backward(output[1])

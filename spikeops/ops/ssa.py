@@ -24,7 +24,7 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
-from spikeops.ops.lif import ATTENTION_NEURON, _lif_backward, _lif_forward
+from spikeops.ops.lif import ATTENTION_NEURON, _lif_backward, _lif_state
 from spikeops.ops.pack import _unpack
 
 TRITON_MAX_ND = 2**31 - 2**16  # the Triton kernel's offsets inside one (t, head) slice are int32
@@ -94,7 +94,7 @@ def _backward(ctx, grad, *_):
     kv = k.transpose(-2, -1) @ v                       # [T, BH, d, d], exact integers
     y = ((q @ kv) * scale).view(T, -1)                 # the forward's attention input, recomputed exactly
     lif_args = (tau, v_threshold, *ATTENTION_NEURON)
-    _, h = _lif_forward(y, *lif_args, True, False, backend)
+    h = _lif_state(y, *lif_args[:5], backend)
     dy = _lif_backward(grad.contiguous().view(T, -1).float(), h, *lif_args, backend)
     g = dy.view(T, BH, N, d) * scale
     dkv = q.transpose(-2, -1) @ g

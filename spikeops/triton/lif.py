@@ -29,9 +29,21 @@ def lif_forward(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h, s
         x, spikes, h if save_h else spikes, T, N, float(tau), float(v_threshold),
         float(v_reset) if hard_reset else 0.0,
         HARD=bool(hard_reset), DECAY_INPUT=bool(decay_input), SAVE_H=bool(save_h),
-        STATE_BF16=bool(state_bf16), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        STATE_BF16=bool(state_bf16), WRITE_S=True, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return spikes, h
+
+
+def lif_state(x, tau, v_threshold, v_reset, hard_reset, decay_input):
+    """x [T, N] contiguous -> the fp32 state H [T, N] alone, as lif_forward computes it (no spikes)."""
+    T, N = x.shape
+    h = torch.empty((T, N), device=x.device, dtype=torch.float32)
+    _lif_forward_kernel[(triton.cdiv(N, BLOCK),)](
+        x, h, h, T, N, float(tau), float(v_threshold), float(v_reset) if hard_reset else 0.0,
+        HARD=bool(hard_reset), DECAY_INPUT=bool(decay_input), SAVE_H=True, STATE_BF16=False, WRITE_S=False,
+        BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    return h
 
 
 def lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha):
@@ -52,7 +64,7 @@ def lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_in
 def _lif_forward_kernel(
     x_ptr, s_ptr, h_ptr, T, N, tau, v_threshold, v_reset,
     HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, SAVE_H: tl.constexpr, STATE_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
+    WRITE_S: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -64,7 +76,9 @@ def _lif_forward_kernel(
         else:
             h = v - tl.math.div_rn(v - v_reset, tl.zeros_like(v) + tau) + x
         fire = (h - v_threshold) >= 0.0
-        tl.store(s_ptr + offs, tl.where(fire, 1.0, 0.0).to(s_ptr.dtype.element_ty), mask=mask)
+        if WRITE_S:
+            tl.store(s_ptr + offs, tl.where(fire, 1.0, 0.0).to(s_ptr.dtype.element_ty), mask=mask)
+            s_ptr += N
         if SAVE_H:
             if STATE_BF16:
                 tl.store(h_ptr + offs, ((h - v_threshold) + 0.0).to(tl.bfloat16), mask=mask)
@@ -76,7 +90,6 @@ def _lif_forward_kernel(
         else:
             v = tl.where(fire, h - v_threshold, h)
         x_ptr += N
-        s_ptr += N
 
 
 @triton.jit
