@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikeops.triton.pack import pack_spikes
+from spikeops.triton.pack import pack_with_flags
 
 BLOCK_N = 32
 BLOCK_M = 32
@@ -24,12 +24,9 @@ BLOCK_M = 32
 def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
     """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v words [T, BH, N, ceil(d/64)] or empty, all 0/1)."""
     T, BH, N, d = q.shape
-    binary = True
-    words = []
-    for x in (q, k, v):
-        w, ok = pack_spikes(x.view(-1, d), True)
-        binary &= ok
-        words.append(w.view(T, BH, N, -1) if save_packed else w.new_empty((0,)))
+    packed = [pack_with_flags(x.view(-1, d), True) for x in (q, k, v)]
+    binary = not bool(torch.stack([bad.any() for _, bad in packed]).any())  # one host sync for the three
+    words = [w.view(T, BH, N, -1) if save_packed else w.new_empty((0,)) for w, _ in packed]
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(d))
     grid = (BH, triton.cdiv(N, BLOCK_N))
