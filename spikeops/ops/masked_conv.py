@@ -36,7 +36,8 @@ once: computed values in visible blocks, exactly 0 in masked ones.
   saves what ``conv2d`` saves (x, only when the weight needs a gradient, and the weight) plus the
   small mask.
 * ``triton`` (``spikeops/triton/masked_conv.py``): implicit-GEMM kernels over the list of visible
-  pixels (no cols buffer, ``tl.dot`` with fp32 accumulation, IEEE fp32 for fp32 inputs); dW is
+  pixels (no cols buffer, ``tl.dot`` with fp32 accumulation; fp32 inputs in TF32 or IEEE fp32 as
+  ``torch.backends.cudnn.allow_tf32`` says, like nn.Conv2d on cuDNN); dW is
   split over P with fp32 partial sums; dx is one launch per kernel tap, so it needs no atomics
   and is deterministic.
 * ``torch``: the reference (dense conv, then the mask).

@@ -10,8 +10,9 @@ except the output's zero fill, and no im2col buffer is materialised.
 * forward: a program owns ``BLOCK_CO`` output channels x ``BLOCK_P`` visible pixels and walks
   ``K = C_in * kh * kw`` in ``BLOCK_K`` steps, loading the weight tile and the input tile at the
   addresses im2col would have read (zero outside the image), ``acc += W @ X`` (``tl.dot``; fp32
-  inputs use ``input_precision="ieee"``, so results match the fp32 reference to ~1e-6, not TF32's
-  1e-3). It stores ``acc (+ bias)`` at the visible pixels of an output zero-filled beforehand.
+  inputs follow torch's convolution setting: TF32 while ``torch.backends.cudnn.allow_tf32`` is on,
+  torch's default and what cuDNN's dense convolutions use (~1e-3 relative), else
+  ``input_precision="ieee"``, ~1e-6 of the fp32 reference). It stores ``acc (+ bias)`` at the visible pixels of an output zero-filled beforehand.
 * dW (and db): a program owns a ``BLOCK_CO x BLOCK_K`` tile of ``dW = G @ cols^T`` and walks its
   share of P (split over a third grid axis; the partial sums are added in fp32 afterwards, so
   the result does not depend on scheduling); the ``k``-tile-0 programs also sum G for db.
@@ -37,9 +38,13 @@ GATHER_BLOCK_C = 16
 
 
 def _ieee(dtype) -> bool:
-    """Dot in fp32 with input_precision="ieee": fp32 inputs (no TF32 rounding), and bf16 under the
-    interpreter, whose bf16 ``tl.dot`` is wrong (fp16/bf16 on a GPU: native dot, fp32 accumulation)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRET)
+    """Dot in fp32 with input_precision="ieee": fp32 inputs when torch does not allow TF32 in
+    convolutions (``torch.backends.cudnn.allow_tf32``, on by default: then the dots run in TF32, as
+    cuDNN runs nn.Conv2d), and fp32 / bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong
+    (fp16/bf16 on a GPU: native dot, fp32 accumulation)."""
+    if _INTERPRET:
+        return dtype in (torch.float32, torch.bfloat16)
+    return dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
 def _blocks_ok(blocks):
