@@ -28,8 +28,6 @@ import torch
 
 from spikeops.ops.pack import PackedSpikes, pack_if_binary, unpack_spikes
 
-UINT8_MAX = 255
-
 
 class CompactMeta(NamedTuple):
     """What :func:`restore` needs besides the saved tensor."""
@@ -50,8 +48,9 @@ def compact(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> tuple[torc
     packed = pack_if_binary(x, dim=dim, backend=backend)
     if packed is not None:
         return packed.words, meta._replace(kind="bits")
-    if bool(((x >= 0) & (x <= UINT8_MAX) & (x == x.round())).all()):
-        return x.to(torch.uint8), meta._replace(kind="uint8")
+    counts = x.to(torch.uint8)
+    if torch.equal(counts.to(x.dtype), x):  # exactly the integers 0..255 survive the round trip
+        return counts, meta._replace(kind="uint8")
     return x, meta
 
 
