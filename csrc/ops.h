@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
 std::tuple<at::Tensor, at::Tensor> token_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& k_words, const at::Tensor& h, double v_threshold, double tau);
 
-// The same in the channels-first layout: q, k (, p) [T, BH, d, N] contiguous float32 -> (out
+// The same in the channels-first layout: q, k (, p) [T, BH, d, N] contiguous (any float dtype) -> (out
 // [T, BH, d, N], H [T, BH, N] fp32 and k packed along N [T*BH*d, ceil(N/64)] int64 when save,
 // all inputs were 0/1); backward: grad_out [T, BH, d, N] -> (dL/dS [T, BH, N], dL/dk [T, BH, d, N]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(

@@ -138,22 +138,23 @@ class OpNames(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("with_p", [False, True])
-@pytest.mark.parametrize("N", [64, 1100])
-def test_modules_layout_runs_its_own_kernels_and_matches_reference(backend, N, with_p):
+@pytest.mark.parametrize("N,dtype", [(64, torch.float32), (1100, torch.float32), (1100, torch.bfloat16),
+                                     (70, torch.float16)])
+def test_modules_layout_runs_its_own_kernels_and_matches_reference(backend, N, dtype, with_p):
     # [T, B, H, N, d] views of contiguous [T, B, H, d, N] (the modules' heads); N = 1100: more than
     # one C++ run of 1024 tokens and not a whole number of 64-bit words
     device = device_for(backend)
     shape = (3, 1, 2, N, 6)
-    tensors = [spikes((3, 1, 2, 6, N), 6, seed, device).mT for seed in range(3 if with_p else 2)]
+    tensors = [spikes((3, 1, 2, 6, N), 6, seed, device, dtype).mT for seed in range(3 if with_p else 2)]
     assert not tensors[0].is_contiguous() and tensors[0].mT.is_contiguous()
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device)
     with OpNames() as ops:
         out, grads = run(lambda *x: spikeops.token_attention(*x, backend=backend), tensors, grad)
     assert {"spikeops.token_attention_cf_forward", "spikeops.token_attention_cf_backward"} <= ops.names
     expected, ref_grads = run(reference.token_attention, [t.cpu() for t in tensors], grad.cpu())
-    assert torch.equal(out.cpu(), expected) and 0 < expected.sum()
+    assert out.dtype == dtype and torch.equal(out.cpu(), expected) and 0 < expected.sum()
     for g, rg in zip(grads, ref_grads):
-        assert_grads_close(g, rg, rtol=1e-5)
+        assert_grads_close(g, rg, rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -8,6 +8,12 @@
 namespace spikeops {
 namespace cpu {
 
+// dst[0, n) = src[0, n) converted to float.
+template <typename scalar_t>
+void as_float_into(const scalar_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 // src[0, n) as floats: src itself for fp32, else a converted copy in buf (resized to n).
 template <typename scalar_t>
 const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
@@ -15,7 +21,7 @@ const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
     return src;
   } else {
     buf.resize(n);
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    as_float_into(src, n, buf.data());
     return buf.data();
   }
 }

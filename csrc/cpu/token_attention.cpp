@@ -72,16 +72,45 @@ constexpr int64_t kCfTokens = 1024;  // tokens per item in the [d, N] layout: wh
 // when it is not kept, and the tokens' sums.
 struct CfScratch {
   float state[kCfTokens], h[kCfTokens], sum[kCfTokens], a[kCfTokens];
+  std::vector<float> in[3], out;  // float copies of fp16/bf16/fp64 blocks
 };
+
+// A [d, L] block of an item's step, rows N apart in the tensor: fp32 blocks are used in place
+// (rows N apart), other dtypes through float copies with rows L apart (block_stride says which).
+template <typename scalar_t>
+int64_t block_stride(int64_t N, int64_t L) {
+  return std::is_same_v<scalar_t, float> ? N : L;
+}
+
+template <typename scalar_t>
+const float* block_as_float(const scalar_t* src, int64_t d, int64_t L, int64_t N, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    buf.resize(d * L);
+    for (int64_t r = 0; r < d; ++r) as_float_into(src + r * N, L, buf.data() + r * L);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+float* block_out(scalar_t* dst, int64_t d, int64_t L, std::vector<float>& buf) {
+  return float_out(dst, d * L, buf);  // fp32: in place (rows N apart); else a [d, L] buffer
+}
+
+template <typename scalar_t>
+void store_block(scalar_t* dst, const float* src, int64_t d, int64_t L, int64_t N) {
+  for (int64_t r = 0; r < d; ++r) store_floats(dst + r * N, src + r * L, L);  // nothing to do for fp32
+}
 
 // One step over tokens [n0, n0 + L) of one (t, bh) block [d, N]: q, p, k, out point at (row 0,
 // column n0), k_words at row 0's word n0 / 64 (rows of Wn words). Returns true if a value was not 0/1.
-bool cf_step_forward(const float* q, const float* p, const float* k, int64_t d, int64_t N, int64_t L, float tau,
+bool cf_step_forward(const float* q, const float* p, const float* k, int64_t d, int64_t ld, int64_t L, float tau,
                      float v_threshold, CfScratch& s, float* h, uint64_t* k_words, int64_t Wn, float* out);
 
 // Backward of one step over those tokens: dA = sum_c dout k, dS = LIF backward (state: dL/dV
 // carried to step t - 1), dk = A * dout.
-void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const float* h, int64_t d, int64_t N,
+void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const float* h, int64_t d, int64_t ld,
                       int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s, float* grad_k);
 
 }  // namespace
@@ -164,34 +193,41 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& p, double v_threshold,
     double tau, bool save) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.scalar_type() == at::kFloat && k.sizes() == q.sizes() &&
-                  k.is_contiguous() && k.scalar_type() == at::kFloat,
-              "token_attention_cf_forward: q, k must be contiguous float32 [T, BH, d, N]");
-  TORCH_CHECK(!p || (p->sizes() == q.sizes() && p->is_contiguous() && p->scalar_type() == at::kFloat),
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.sizes() == q.sizes() && k.is_contiguous() &&
+                  k.scalar_type() == q.scalar_type(),
+              "token_attention_cf_forward: q, k must be contiguous [T, BH, d, N] of one dtype");
+  TORCH_CHECK(!p || (p->sizes() == q.sizes() && p->is_contiguous() && p->scalar_type() == q.scalar_type()),
               "token_attention_cf_forward: p must match q");
   const int64_t T = q.size(0), BH = q.size(1), d = q.size(2), N = q.size(3), Wn = words_for(N);
   const int64_t chunks = (N + kCfTokens - 1) / kCfTokens;
   auto out = at::empty_like(q);
-  auto h = at::empty(save ? std::vector<int64_t>{T, BH, N} : std::vector<int64_t>{0}, q.options());
+  auto h = at::empty(save ? std::vector<int64_t>{T, BH, N} : std::vector<int64_t>{0}, q.options().dtype(at::kFloat));
   auto k_words = at::empty({T * BH * d, Wn}, q.options().dtype(at::kLong));  // filled by the kernel, kept if save
-  const float* qp = q.const_data_ptr<float>();
-  const float* kp = k.const_data_ptr<float>();
-  const float* pp = p ? p->const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
-  float* hp = save ? h.mutable_data_ptr<float>() : nullptr;
-  uint64_t* kw = reinterpret_cast<uint64_t*>(k_words.mutable_data_ptr<int64_t>());
   std::atomic<bool> bad_any{false};
-  for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
-    const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
-    std::fill(s.state, s.state + L, 0.0f);
-    bool bad = false;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t block = t * BH + bh, off = block * d * N + n0;
-      bad |= cf_step_forward(qp + off, pp ? pp + off : nullptr, kp + off, d, N, L, static_cast<float>(tau),
-                             static_cast<float>(v_threshold), s, hp ? hp + block * N + n0 : s.h,
-                             kw + block * d * Wn + n0 / 64, Wn, op + off);
-    }
-    if (bad) bad_any.store(true, std::memory_order_relaxed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "token_attention_cf_forward", [&] {
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* pp = p ? p->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    float* hp = save ? h.mutable_data_ptr<float>() : nullptr;
+    uint64_t* kw = reinterpret_cast<uint64_t*>(k_words.mutable_data_ptr<int64_t>());
+    for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
+      const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
+      const int64_t ld = block_stride<scalar_t>(N, L);
+      std::fill(s.state, s.state + L, 0.0f);
+      bool bad = false;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t block = t * BH + bh, off = block * d * N + n0;
+        float* o = block_out(op + off, d, L, s.out);
+        bad |= cf_step_forward(block_as_float(qp + off, d, L, N, s.in[0]),
+                               pp ? block_as_float(pp + off, d, L, N, s.in[1]) : nullptr,
+                               block_as_float(kp + off, d, L, N, s.in[2]), d, ld, L, static_cast<float>(tau),
+                               static_cast<float>(v_threshold), s, hp ? hp + block * N + n0 : s.h,
+                               kw + block * d * Wn + n0 / 64, Wn, o);
+        store_block(op + off, o, d, L, N);
+      }
+      if (bad) bad_any.store(true, std::memory_order_relaxed);
+    });
   });
   if (!save) k_words = at::empty({0}, q.options().dtype(at::kLong));
   return {out, h, k_words, !bad_any.load()};
@@ -199,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
 
 std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
     const at::Tensor& grad_out, const at::Tensor& k_words, const at::Tensor& h, double v_threshold, double tau) {
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat,
-              "token_attention_cf_backward: grad_out must be contiguous float32 [T, BH, d, N]");
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.is_contiguous(),
+              "token_attention_cf_backward: grad_out must be contiguous [T, BH, d, N]");
   const int64_t T = grad_out.size(0), BH = grad_out.size(1), d = grad_out.size(2), N = grad_out.size(3);
   const int64_t Wn = words_for(N), chunks = (N + kCfTokens - 1) / kCfTokens;
   TORCH_CHECK(k_words.dim() == 2 && k_words.size(0) == T * BH * d && k_words.size(1) == Wn &&
@@ -211,19 +247,25 @@ std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
               "token_attention_cf_backward: h must be contiguous fp32 [T, BH, N]");
   auto grad_s = at::empty({T, BH, N}, h.options());
   auto grad_k = at::empty_like(grad_out);
-  const float* gp = grad_out.const_data_ptr<float>();
-  const uint64_t* kw = reinterpret_cast<const uint64_t*>(k_words.const_data_ptr<int64_t>());
-  const float* hp = h.const_data_ptr<float>();
-  float* gsp = grad_s.mutable_data_ptr<float>();
-  float* gkp = grad_k.mutable_data_ptr<float>();
-  for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
-    const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
-    std::fill(s.state, s.state + L, 0.0f);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const int64_t block = t * BH + bh, off = block * d * N + n0;
-      cf_step_backward(gp + off, kw + block * d * Wn + n0 / 64, Wn, hp + block * N + n0, d, N, L,
-                       static_cast<float>(tau), static_cast<float>(v_threshold), s, gsp + block * N + n0, gkp + off);
-    }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "token_attention_cf_backward", [&] {
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const uint64_t* kw = reinterpret_cast<const uint64_t*>(k_words.const_data_ptr<int64_t>());
+    const float* hp = h.const_data_ptr<float>();
+    float* gsp = grad_s.mutable_data_ptr<float>();
+    scalar_t* gkp = grad_k.mutable_data_ptr<scalar_t>();
+    for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
+      const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
+      const int64_t ld = block_stride<scalar_t>(N, L);
+      std::fill(s.state, s.state + L, 0.0f);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t block = t * BH + bh, off = block * d * N + n0;
+        float* gk = block_out(gkp + off, d, L, s.out);
+        cf_step_backward(block_as_float(gp + off, d, L, N, s.in[0]), kw + block * d * Wn + n0 / 64, Wn,
+                         hp + block * N + n0, d, ld, L, static_cast<float>(tau), static_cast<float>(v_threshold), s,
+                         gsp + block * N + n0, gk);
+        store_block(gkp + off, gk, d, L, N);
+      }
+    });
   });
   return {grad_s, grad_k};
 }
@@ -358,14 +400,14 @@ inline __attribute__((always_inline)) bool add_row(const float* x, int64_t L, fl
 }
 
 SPIKEOPS_TOKEN_CLONES
-bool cf_step_forward(const float* q, const float* p, const float* k, int64_t d, int64_t N, int64_t L, float tau,
+bool cf_step_forward(const float* q, const float* p, const float* k, int64_t d, int64_t ld, int64_t L, float tau,
                      float v_threshold, CfScratch& s, float* h, uint64_t* k_words, int64_t Wn, float* out) {
   const LifConsts c{tau, v_threshold, 0.0f};
   bool bad = false;
   std::fill(s.sum, s.sum + L, 0.0f);
-  for (int64_t r = 0; r < d; ++r) bad |= add_row(q + r * N, L, s.sum);
+  for (int64_t r = 0; r < d; ++r) bad |= add_row(q + r * ld, L, s.sum);
   if (p) {
-    for (int64_t r = 0; r < d; ++r) bad |= add_row(p + r * N, L, s.sum);
+    for (int64_t r = 0; r < d; ++r) bad |= add_row(p + r * ld, L, s.sum);
   }
   for (int64_t i = 0; i < L; ++i) {
     const float hv = lif_charge<true>(s.state[i], s.sum[i], c);
@@ -375,22 +417,22 @@ bool cf_step_forward(const float* q, const float* p, const float* k, int64_t d, 
     s.a[i] = fire ? 1.0f : 0.0f;
   }
   for (int64_t r = 0; r < d; ++r) {
-    const float* kr = k + r * N;
+    const float* kr = k + r * ld;
     bad |= pack_rows(kr, 1, L, k_words + r * Wn);
-    float* o = out + r * N;
+    float* o = out + r * ld;
     for (int64_t i = 0; i < L; ++i) o[i] = s.a[i] * kr[i];  // the reference's A * k (-0 included)
   }
   return bad;
 }
 
 SPIKEOPS_TOKEN_CLONES
-void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const float* h, int64_t d, int64_t N,
+void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const float* h, int64_t d, int64_t ld,
                       int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s, float* grad_k) {
   const LifConsts c{tau, v_threshold, 0.0f};
   float* grad_a = s.sum;
   std::fill(grad_a, grad_a + L, 0.0f);
   for (int64_t r = 0; r < d; ++r) {  // dA = sum_c dout * k: dout where k's bit is set, eight tokens a vector
-    const float* gr = g + r * N;
+    const float* gr = g + r * ld;
     const uint64_t* w = k_words + r * Wn;
     int64_t i = 0;
     for (; i + 8 <= L; i += 8) {
@@ -411,8 +453,8 @@ void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const
     grad_s[i] = lif_grad_step<true, true>(dist, surrogate_grad<kSigmoid>(dist, 4.0f), grad_a[i], s.state[i], c, true);
   }
   for (int64_t r = 0; r < d; ++r) {  // the reference's dout * A
-    const float* gr = g + r * N;
-    float* gk = grad_k + r * N;
+    const float* gr = g + r * ld;
+    float* gk = grad_k + r * ld;
     for (int64_t i = 0; i < L; ++i) gk[i] = s.a[i] * gr[i];
   }
 }

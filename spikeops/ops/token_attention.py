@@ -72,7 +72,7 @@ def _(grad_out, k_words, h, v_threshold, tau, backend):
 # Modules hold q, k, p as [T, B, C, N] (conv1d outputs: a head's d channels before its tokens), so
 # their [T, B, H, N, d] heads are transposed views of contiguous [T, B, H, d, N] tensors. Rather
 # than four transposing copies (q, k, p in, out back) plus two in backward, each several times the
-# cost of the kernel's own pass, the C++ and Triton backends have kernels for that layout (fp32):
+# cost of the kernel's own pass, the C++ and Triton backends have kernels for that layout:
 # the same math and saved state (H; K as bits, packed along N there), spikes bit for bit the same.
 
 @torch.library.custom_op("spikeops::token_attention_cf_forward", mutates_args=())
@@ -80,7 +80,7 @@ def _cf_forward(
     q: torch.Tensor, k: torch.Tensor, p: Optional[torch.Tensor], v_threshold: float, tau: float, save: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, p [T, BH, d, N] contiguous fp32 -> (out, H [T, BH, N] fp32, k packed along N
+    """q, k, p [T, BH, d, N] contiguous -> (out, H [T, BH, N] fp32, k packed along N
     [T*BH*d, ceil(N/64)]; empty if not save)."""
     out, h, k_words, binary = _backend.kernel("token_attention", "token_attention_cf_forward", backend)(
         q, k, p, v_threshold, tau, save)
@@ -101,7 +101,7 @@ def _(q, k, p, v_threshold, tau, save, backend):
 def _cf_backward_op(
     grad_out: torch.Tensor, k_words: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out [T, BH, d, N] fp32, k packed along N, H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk)."""
+    """grad_out [T, BH, d, N], k packed along N, H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk)."""
     return _backend.kernel("token_attention", "token_attention_cf_backward", backend)(
         grad_out, k_words, h, v_threshold, tau)
 
@@ -145,11 +145,10 @@ torch.library.register_autograd("spikeops::token_attention_cf_forward", _autogra
 
 
 def _use_cf(named, chosen: str) -> bool:
-    """Inputs are fp32 transposed views of contiguous ``[.., d, N]`` tensors and the backend has
-    kernels for that layout."""
+    """Inputs are transposed views of contiguous ``[.., d, N]`` tensors and the backend has kernels
+    for that layout."""
     return _backend.has_kernel("token_attention", "token_attention_cf_forward", chosen) and all(
-        x.dtype == torch.float32 and x.numel() > 0 and not x.is_contiguous() and x.mT.is_contiguous()
-        for _, x in named)
+        x.numel() > 0 and not x.is_contiguous() and x.mT.is_contiguous() for _, x in named)
 
 
 def token_attention(
