@@ -66,6 +66,17 @@ bool token_rows_forward(const float* q, const float* p, const float* k, int64_t 
 void token_rows_backward(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
                          float v_threshold, Scratch& s, float* grad_s, float* grad_k);
 
+// What a backward gets from its forward: k's words [rows, W] int64 and H [T, BH, N] fp32, contiguous.
+inline void check_saved(const char* op, const at::Tensor& k_words, int64_t rows, int64_t W, const char* words_shape,
+                        const at::Tensor& h, int64_t T, int64_t BH, int64_t N) {
+  TORCH_CHECK(k_words.dim() == 2 && k_words.size(0) == rows && k_words.size(1) == W && k_words.is_contiguous() &&
+                  k_words.scalar_type() == at::kLong,
+              op, ": k_words must be contiguous int64 ", words_shape);
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == T && h.size(1) == BH && h.size(2) == N && h.scalar_type() == at::kFloat &&
+                  h.is_contiguous(),
+              op, ": h must be contiguous fp32 [T, BH, N]");
+}
+
 constexpr int64_t kCfTokens = 1024;  // tokens per item in the [d, N] layout: whole words of k's bits, whole pages of a row
 
 // Per-thread state of one [d, N]-layout item: the neuron's V (forward) or dL/dV (backward), H
@@ -161,12 +172,7 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.is_contiguous(), "token_attention_backward: grad_out must be contiguous [T, BH, N, d]");
   const int64_t T = grad_out.size(0), BH = grad_out.size(1), N = grad_out.size(2), d = grad_out.size(3);
   const int64_t R = BH * N, Wd = words_for(d);
-  TORCH_CHECK(k_words.dim() == 2 && k_words.size(0) == T * R && k_words.size(1) == Wd && k_words.is_contiguous() &&
-                  k_words.scalar_type() == at::kLong,
-              "token_attention_backward: k_words must be contiguous int64 [T*BH*N, ceil(d/64)]");
-  TORCH_CHECK(h.dim() == 3 && h.size(0) == T && h.size(1) == BH && h.size(2) == N && h.scalar_type() == at::kFloat &&
-                  h.is_contiguous(),
-              "token_attention_backward: h must be contiguous fp32 [T, BH, N]");
+  check_saved("token_attention_backward", k_words, T * R, Wd, "[T*BH*N, ceil(d/64)]", h, T, BH, N);
   auto grad_s = at::empty({T, BH, N}, h.options());
   auto grad_k = at::empty_like(grad_out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "token_attention_backward", [&] {
@@ -239,12 +245,7 @@ std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
               "token_attention_cf_backward: grad_out must be contiguous [T, BH, d, N]");
   const int64_t T = grad_out.size(0), BH = grad_out.size(1), d = grad_out.size(2), N = grad_out.size(3);
   const int64_t Wn = words_for(N), chunks = (N + kCfTokens - 1) / kCfTokens;
-  TORCH_CHECK(k_words.dim() == 2 && k_words.size(0) == T * BH * d && k_words.size(1) == Wn &&
-                  k_words.is_contiguous() && k_words.scalar_type() == at::kLong,
-              "token_attention_cf_backward: k_words must be contiguous int64 [T*BH*d, ceil(N/64)]");
-  TORCH_CHECK(h.dim() == 3 && h.size(0) == T && h.size(1) == BH && h.size(2) == N && h.scalar_type() == at::kFloat &&
-                  h.is_contiguous(),
-              "token_attention_cf_backward: h must be contiguous fp32 [T, BH, N]");
+  check_saved("token_attention_cf_backward", k_words, T * BH * d, Wn, "[T*BH*d, ceil(N/64)]", h, T, BH, N);
   auto grad_s = at::empty({T, BH, N}, h.options());
   auto grad_k = at::empty_like(grad_out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "token_attention_cf_backward", [&] {

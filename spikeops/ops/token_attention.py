@@ -34,83 +34,6 @@ def _raise_not_binary(q, k, p) -> None:
     raise ValueError("token_attention: q, k and p must hold only 0 and 1 (spikes)")
 
 
-@torch.library.custom_op("spikeops::token_attention_forward", mutates_args=())
-def _forward(
-    q: torch.Tensor, k: torch.Tensor, p: Optional[torch.Tensor], v_threshold: float, tau: float, save: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, p [T, BH, N, d] contiguous -> (out, H [T, BH, N] fp32, k packed [T*BH*N, ceil(d/64)]; empty if not save)."""
-    out, h, k_words, binary = _backend.kernel("token_attention", "token_attention_forward", backend)(
-        q, k, p, v_threshold, tau, save)
-    if not binary:
-        _raise_not_binary(q, k, p)
-    return out, h, k_words
-
-
-@_forward.register_fake
-def _(q, k, p, v_threshold, tau, save, backend):
-    T, BH, N, d = q.shape
-    h = q.new_empty((T, BH, N) if save else (0,), dtype=torch.float32)
-    words = q.new_empty((T * BH * N, -(-d // 64)) if save else (0,), dtype=torch.int64)
-    return torch.empty_like(q), h, words
-
-
-@torch.library.custom_op("spikeops::token_attention_backward", mutates_args=())
-def _backward_op(
-    grad_out: torch.Tensor, k_words: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out [T, BH, N, d], k packed [T*BH*N, ceil(d/64)], H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk)."""
-    return _backend.kernel("token_attention", "token_attention_backward", backend)(grad_out, k_words, h, v_threshold, tau)
-
-
-@_backward_op.register_fake
-def _(grad_out, k_words, h, v_threshold, tau, backend):
-    return h.new_empty(h.shape), torch.empty_like(grad_out)
-
-
-# ----------------------------------------------------------------------------- channels-first layout
-# Modules hold q, k, p as [T, B, C, N] (conv1d outputs: a head's d channels before its tokens), so
-# their [T, B, H, N, d] heads are transposed views of contiguous [T, B, H, d, N] tensors. Rather
-# than four transposing copies (q, k, p in, out back) plus two in backward, each several times the
-# cost of the kernel's own pass, the C++ and Triton backends have kernels for that layout:
-# the same math and saved state (H; K as bits, packed along N there), spikes bit for bit the same.
-
-@torch.library.custom_op("spikeops::token_attention_cf_forward", mutates_args=())
-def _cf_forward(
-    q: torch.Tensor, k: torch.Tensor, p: Optional[torch.Tensor], v_threshold: float, tau: float, save: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, p [T, BH, d, N] contiguous -> (out, H [T, BH, N] fp32, k packed along N
-    [T*BH*d, ceil(N/64)]; empty if not save)."""
-    out, h, k_words, binary = _backend.kernel("token_attention", "token_attention_cf_forward", backend)(
-        q, k, p, v_threshold, tau, save)
-    if not binary:
-        _raise_not_binary(q, k, p)
-    return out, h, k_words
-
-
-@_cf_forward.register_fake
-def _(q, k, p, v_threshold, tau, save, backend):
-    T, BH, d, N = q.shape
-    h = q.new_empty((T, BH, N) if save else (0,), dtype=torch.float32)
-    words = q.new_empty((T * BH * d, -(-N // 64)) if save else (0,), dtype=torch.int64)
-    return torch.empty_like(q), h, words
-
-
-@torch.library.custom_op("spikeops::token_attention_cf_backward", mutates_args=())
-def _cf_backward_op(
-    grad_out: torch.Tensor, k_words: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out [T, BH, d, N], k packed along N, H [T, BH, N] -> (dL/dS [T, BH, N] fp32, dL/dk)."""
-    return _backend.kernel("token_attention", "token_attention_cf_backward", backend)(
-        grad_out, k_words, h, v_threshold, tau)
-
-
-@_cf_backward_op.register_fake
-def _(grad_out, k_words, h, v_threshold, tau, backend):
-    return h.new_empty(h.shape), torch.empty_like(grad_out)
-
-
 def _setup_context(ctx, inputs, output):
     q, _, p, v_threshold, tau, _, backend = inputs
     ctx.save_for_backward(output[1], output[2])
@@ -120,9 +43,48 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _autograd(backward_op, channel_dim: int):
-    """The backward of a layout's forward op: ``backward_op`` gives dL/dS and dL/dk; dL/dq = dL/dp =
-    dL/dS broadcast over the channels (``channel_dim`` of the 4-d layout)."""
+def _layout_ops(name: str, channel_dim: int):
+    """Registers the forward and backward custom ops ``spikeops::<name>_forward`` / ``_backward`` of
+    one memory layout (the raw kernels of the same names) and their autograd; returns the forward op.
+
+    Layouts: ``token_attention`` q, k, p ``[T, BH, N, d]`` (``channel_dim=-1``) and
+    ``token_attention_cf`` ``[T, BH, d, N]`` (``channel_dim=-2``; modules hold q, k, p as
+    ``[T, B, C, N]`` conv1d outputs, so their ``[T, B, H, N, d]`` heads are transposed views of
+    contiguous ``[T, B, H, d, N]`` tensors: kernels for that layout spare four transposing copies in
+    forward and two in backward, each several times the cost of the kernel's own pass). Forward:
+    (out, H ``[T, BH, N]`` fp32, k packed along the contiguous last dim ``[numel / last, ceil(last/64)]``;
+    H and the words empty unless save). Backward: grad_out, the words, H -> (dL/dS ``[T, BH, N]``
+    fp32, dL/dk); dL/dq = dL/dp = dL/dS broadcast over the channels.
+    """
+    @torch.library.custom_op(f"spikeops::{name}_forward", mutates_args=())
+    def forward(
+        q: torch.Tensor, k: torch.Tensor, p: Optional[torch.Tensor], v_threshold: float, tau: float, save: bool,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, h, k_words, binary = _backend.kernel("token_attention", f"{name}_forward", backend)(
+            q, k, p, v_threshold, tau, save)
+        if not binary:
+            _raise_not_binary(q, k, p)
+        return out, h, k_words
+
+    @forward.register_fake
+    def _(q, k, p, v_threshold, tau, save, backend):
+        tokens = [n for i, n in enumerate(q.shape) if i != channel_dim % 4]  # [T, BH, N]
+        last = q.shape[-1]
+        h = q.new_empty(tokens if save else (0,), dtype=torch.float32)
+        words = q.new_empty((q.numel() // last, -(-last // 64)) if save else (0,), dtype=torch.int64)
+        return torch.empty_like(q), h, words
+
+    @torch.library.custom_op(f"spikeops::{name}_backward", mutates_args=())
+    def backward_op(
+        grad_out: torch.Tensor, k_words: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backend.kernel("token_attention", f"{name}_backward", backend)(grad_out, k_words, h, v_threshold, tau)
+
+    @backward_op.register_fake
+    def _(grad_out, k_words, h, v_threshold, tau, backend):
+        return h.new_empty(h.shape), torch.empty_like(grad_out)
+
     def backward(ctx, grad_out, *_):
         if grad_out is None:
             return (None,) * 7
@@ -135,13 +97,13 @@ def _autograd(backward_op, channel_dim: int):
         # consumer that needs it dense makes it so)
         grad_q = grad_s.to(ctx.dtype).unsqueeze(channel_dim).expand(ctx.shape)
         return grad_q, grad_k, grad_q if ctx.has_p else None, None, None, None, None
-    return backward
+
+    torch.library.register_autograd(f"spikeops::{name}_forward", backward, setup_context=_setup_context)
+    return forward
 
 
-torch.library.register_autograd("spikeops::token_attention_forward", _autograd(_backward_op, -1),
-                                setup_context=_setup_context)
-torch.library.register_autograd("spikeops::token_attention_cf_forward", _autograd(_cf_backward_op, -2),
-                                setup_context=_setup_context)
+_forward = _layout_ops("token_attention", -1)
+_cf_forward = _layout_ops("token_attention_cf", -2)
 
 
 def _use_cf(named, chosen: str) -> bool:
