@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     parser.add_argument("--builds", default=",".join(ts.BUILDS), help="comma-separated subset of " + ",".join(ts.BUILDS))
     args = parser.parse_args(argv)
     dev = torch.device(args.device)
+    if dev.type == "cpu":
+        H.configure_malloc("warm")  # as bench_train_step: freed memory reused, no page-fault noise
     case = ts.CASES[args.case]
     if dev.type not in case["batch"]:
         parser.error(f"case {args.case} has no batch size for {dev.type}")

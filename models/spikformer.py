@@ -39,7 +39,10 @@ class SpikingPatchSplitting(nn.Module):
                 y = self.pool(x.flatten(0, 1))
                 x = y.view(*x.shape[:2], *y.shape[1:])
         x = x + self.rpe(x)
-        return x.flatten(3).transpose(2, 3)  # [T, B, D, H', W'] -> [T, B, N, D]
+        # [T, B, D, H', W'] -> [T, B, N, D], laid out as such: a transposed view here would make every
+        # residual sum after it transposed too (elementwise ops keep their input's layout), and each
+        # projection would copy its input to contiguous, forward and backward
+        return x.flatten(3).transpose(2, 3).contiguous()
 
 
 class Spikformer(nn.Module):

@@ -308,11 +308,15 @@ def test_inference_compiles_with_fullgraph():
 
 @pytest.mark.parametrize("kind", ["spikes", "integers"])
 @pytest.mark.parametrize("ceil_mode", [False, True])
-def test_spike_max_pool_equals_torch_and_keeps_bits_not_indices(kind, ceil_mode):
+@pytest.mark.parametrize("layout", ["9x9", "8x8", "channels_last"])  # packed: rows of C H W / rows of H W / along C
+def test_spike_max_pool_equals_torch_and_keeps_bits_not_indices(kind, ceil_mode, layout):
     g = torch.Generator().manual_seed(0)
-    base = (torch.rand(2, 64, 9, 9, generator=g) < 0.3).float()  # many ties: the argmax tie-break matters
+    size = 8 if layout == "8x8" else 9
+    base = (torch.rand(2, 64, size, size, generator=g) < 0.3).float()  # many ties: the argmax tie-break matters
     if kind == "integers":
         base = base * torch.randint(0, 3, base.shape, generator=g)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
     ours, ref = spikeops.nn.SpikeMaxPool2d(3, 2, 1, ceil_mode=ceil_mode), nn.MaxPool2d(3, 2, 1, ceil_mode=ceil_mode)
     x, x2 = base.clone().requires_grad_(), base.clone().requires_grad_()
     out, expected = ours(x), ref(x2)

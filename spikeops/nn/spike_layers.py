@@ -208,8 +208,8 @@ class _CompactMaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, args):
-        ctx.args = args
-        saved, ctx.meta = compact(x, 1)
+        ctx.args, ctx.shape = args, x.shape
+        saved, ctx.meta = _compact_input(x, 1)
         ctx.save_for_backward(saved)
         return torch.ops.aten.max_pool2d(x, *args)
 
@@ -217,7 +217,7 @@ class _CompactMaxPool2d(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (saved,) = ctx.saved_tensors
-        x = restore(saved, ctx.meta)
+        x = restore(saved, ctx.meta).view(ctx.shape)
         _, indices = torch.ops.aten.max_pool2d_with_indices(x, *ctx.args)
         return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.args, indices), None
 
