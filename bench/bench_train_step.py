@@ -18,6 +18,9 @@ parameters excluded), on CUDA the peak allocated memory of a step, and the ratio
 ``torch`` with saved bytes <= 30% of it; on CUDA, V2-8-512 at T=4 >= 1.5x faster and <= 50% peak
 memory vs ``torch``.
 
+``--amp bf16`` / ``--amp fp16`` runs forward and loss under ``torch.autocast`` (fp16 with a
+``GradScaler``), as ``spikeops.train --amp`` does; results then go to ``train_step_<device>_<amp>.*``.
+
 Cases (``--shapes``): ``cifar`` = spikformer_cifar_4_384, T=4, 32x32, batch 16 (CPU) / 64 (CUDA);
 ``v2`` = spikformer_v2_8_384 at 64x64 (reduced from 224), T=4, batch 8 / 32; ``v2_512`` (CUDA only)
 = spikformer_v2_8_512 at 224x224, T=4, batch 16. ``main``/``all`` = every case for the device.
@@ -81,12 +84,24 @@ def random_batch(case: dict, batch: int, model: nn.Module, dev: torch.device) ->
     return x, y
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: str = "off"):
+    dtype = AMP_DTYPES[amp]
+    scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
+
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         if eager.sj_functional is not None:
             eager.sj_functional.reset_net(model)
         return loss
@@ -108,7 +123,9 @@ def bench_case(key: str, dev: torch.device, args) -> dict:
     batch = case["batch"][dev.type]
     models = builds(case, dev)
     x, y = random_batch(case, batch, models["spikeops"], dev)
-    steps = {n: train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), x, y) for n, m in models.items()}
+    amp = getattr(args, "amp", "off")  # bench.run hands over the shared flags only
+    steps = {n: train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), x, y, amp) for n, m in models.items()}
+    dtype = AMP_DTYPES[amp]
     reps = max(3, min(args.repeats, 5)) if dev.type == "cpu" else max(5, args.repeats // 2)
     times = H.time_interleaved(steps, {n: reps for n in steps}, max(1, args.warmup), dev)
     rows = {}
@@ -120,7 +137,8 @@ def bench_case(key: str, dev: torch.device, args) -> dict:
         params = list(m.parameters())
 
         def forward(m=m):
-            out = F.cross_entropy(m(x), y)
+            with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                out = F.cross_entropy(m(x), y)
             if eager.sj_functional is not None:
                 eager.sj_functional.reset_net(m)
             return out
@@ -135,7 +153,7 @@ def bench_case(key: str, dev: torch.device, args) -> dict:
                 if r["peak_mb"] is not None:
                     r[f"peak_ratio_vs_{base}"] = r["peak_mb"] / b["peak_mb"]
     return {"model": case["model"], "overrides": case["overrides"], "batch": batch, "T": models["spikeops"].T,
-            "img": case["img"], "builds": rows}
+            "img": case["img"], "amp": amp, "builds": rows}
 
 
 def table(results: dict) -> str:
@@ -146,7 +164,8 @@ def table(results: dict) -> str:
             if "error" in r:
                 rows.append([key, n, r["error"][:60]] + ["-"] * 7)
                 continue
-            rows.append([f"{res['model']} b{res['batch']} T{res['T']} {res['img']}px", n, H.fmt(r["step_ms"], 0),
+            amp = "" if res.get("amp", "off") == "off" else f" {res['amp']}"
+            rows.append([f"{res['model']} b{res['batch']} T{res['T']} {res['img']}px{amp}", n, H.fmt(r["step_ms"], 0),
                          H.fmt(min(r["times_ms"]), 0), H.fmt(r.get("speedup_vs_torch")), H.fmt(r.get("speedup_vs_spikingjelly")),
                          H.fmt(r["saved_mb"], 1), H.fmt(r.get("saved_ratio_vs_torch")), H.fmt(r["peak_mb"], 0),
                          H.fmt(r.get("peak_ratio_vs_torch"))])
@@ -207,7 +226,9 @@ def run(args) -> None:
                     met.append(f"peak {r['peak_ratio_vs_torch']:.2f} of torch (target <= {tgt['peak']}): "
                                f"{'met' if r['peak_ratio_vs_torch'] <= tgt['peak'] else 'NOT met'}")
                 print(f"  {key}: " + "; ".join(met))
-        path = H.write_json(f"train_step_{dev.type}", {**H.run_header(dev), "results": results})
+        amp = getattr(args, "amp", "off")
+        name = f"train_step_{dev.type}" + ("" if amp == "off" else f"_{amp}")
+        path = H.write_json(name, {**H.run_header(dev), "amp": amp, "results": results})
         png = path.with_suffix(".png")
         chart(results, png)
         print(f"  wrote {path} and {png}")
@@ -216,6 +237,7 @@ def run(args) -> None:
 if __name__ == "__main__":
     parser = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast dtype for forward + loss")
     a = parser.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

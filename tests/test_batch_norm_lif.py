@@ -87,3 +87,42 @@ def test_time_steps_must_divide_the_rows():
     bn, lif = modules("bn1d", 8, "auto")
     with pytest.raises(ValueError, match="T=3"):
         batch_norm_lif(torch.randn(10, 8), bn, lif, T=3)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_input_is_fused_and_equals_the_two_modules(backend, dtype):
+    dev = device_for(backend)
+    bn, lif = modules("bn2d", 6, backend)
+    bn = bn.to(dev)
+    bn2 = copy.deepcopy(bn)
+    base = inputs("bn2d", SHAPES["bn2d"]).to(dev, dtype)
+    y, y2 = base.clone().requires_grad_(), base.clone().requires_grad_()
+    out = batch_norm_lif(y, bn, lif, T=4)
+    z = bn2(y2)  # nn.BatchNorm2d on fp16/bf16 input: fp32 statistics, output in the input's dtype
+    ref = lif(z.view(4, -1, *z.shape[1:])).view(z.shape)
+    assert out.dtype == dtype and torch.equal(out, ref) and 0 < out.sum() < out.numel()
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dev, dtype)
+    out.backward(g)
+    ref.backward(g)
+    # the same kernels on the same numbers (H recomputed bit for bit from y)
+    torch.testing.assert_close(y.grad, y2.grad, rtol=0, atol=0)
+    for p, p2 in zip(bn.parameters(), bn2.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, p2.grad, rtol=1e-6, atol=0)
+    fused = saved_bytes(lambda t: batch_norm_lif(t, bn, lif, 4), base.clone().requires_grad_())
+    assert fused <= base.numel() * 2 + 4096  # the half-precision y only
+
+
+def test_autocast_linear_bn_lif_keeps_only_the_half_precision_input_of_the_batch_norm():
+    torch.manual_seed(0)
+    layer = spikeops.nn.SpikeLinearBNLIF(32, 64, backend="cpp")
+    x = (torch.rand(4, 2, 16, 32, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = saved_bytes(layer, x.clone().requires_grad_())
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and bool(((out == 0) | (out == 1)).all())
+    neurons = 4 * 2 * 16 * 64
+    # the BN input in bf16 (2 bytes per neuron) + the spikes' bits + the weight's bf16 copy;
+    # unfused it would also keep the neuron state (4 bytes per neuron)
+    assert kept <= neurons * 2 + x.numel() // 8 + 64 * 32 * 2 + 4096

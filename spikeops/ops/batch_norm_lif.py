@@ -23,6 +23,8 @@ from spikeops import backend as _backend
 from spikeops._validation import check_float_tensor
 from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward, _lif_state
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 class _BatchNormLIF(torch.autograd.Function):
     @staticmethod
@@ -65,9 +67,12 @@ def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn
             (e.g. SpikingJelly's LIFNode) is called as is.
         T: time steps.
 
-    Returns spikes shaped like ``y``. Falls back to the two modules called in turn when the fused
-    path does not apply (no grad needed, autocast, the "torch" backend, float64, bf16 state, or a
-    BatchNorm subclass such as :class:`spikeops.nn.MaskedBatchNorm2d` whose forward differs).
+    Returns spikes shaped like ``y`` in its dtype. ``y`` may be fp16/bf16 (e.g. a Linear's output
+    under autocast): BatchNorm then computes as nn.BatchNorm does on such input (fp32 statistics
+    and parameters, output in y's dtype) and only the half-precision ``y`` is kept. Falls back to
+    the two modules called in turn when the fused path does not apply (no grad needed, the "torch"
+    backend, float64, bf16 state, or a BatchNorm subclass such as
+    :class:`spikeops.nn.MaskedBatchNorm2d` whose forward differs).
     Under ``torch.compile`` it is always ``lif(bn(y))`` (no graph break, same results, but the
     standard memory: autograd keeps the BN input and the neuron's state).
     """
@@ -88,8 +93,7 @@ def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn
     chosen = _backend.resolve(y, lif.backend) if isinstance(lif, LIF) else "torch"  # e.g. a SpikingJelly LIFNode
     plain_bn = type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # e.g. not MaskedBatchNorm2d
     if not needs_grad or not plain_bn or chosen == "torch" or torch.compiler.is_compiling() or \
-            torch.is_autocast_enabled(y.device.type) or \
-            lif.state_dtype != torch.float32 or y.dtype != torch.float32 or not y.is_contiguous():
+            lif.state_dtype != torch.float32 or y.dtype not in FUSED_DTYPES or not y.is_contiguous():
         z = bn(y)
         return lif(z.view(T, z.shape[0] // T, *z.shape[1:])).view(z.shape)
     factor = 0.0 if bn.momentum is None else bn.momentum  # nn.BatchNorm's bookkeeping

@@ -1,0 +1,99 @@
+"""End-to-end inference: a model's forward in eval mode under ``torch.inference_mode()``.
+
+The three builds of :mod:`bench.bench_train_step` (same weights): ``spikeops`` (its kernels: the
+multi-step LIF, the fused SSA / token attention; BatchNorm, Linear and conv are torch's), ``torch``
+(``backend="torch"``: eager PyTorch) and ``spikingjelly`` (the torch build with SpikingJelly 2.0
+``LIFNode``s). Reported per build: median (and min) ms per batch of round-robin timed calls,
+images/s, the speed-up against ``torch`` and ``spikingjelly``, and the largest difference of its
+logits from the ``torch`` build's (0 when every spike matched). Same cases and batch sizes as the
+training step (``--shapes cifar,v2``; ``v2_512`` on CUDA). ``--amp bf16|fp16`` runs under autocast.
+Results: a markdown table and ``bench/results/inference_<device>[_<amp>].json``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench import bench_train_step as ts
+from bench import eager
+from bench import harness as H
+
+
+def forward(model, x, dtype):
+    """Logits for ``x`` (SpikingJelly neurons reset after the call, as between batches)."""
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = model(x)
+    if eager.sj_functional is not None:
+        eager.sj_functional.reset_net(model)
+    return out
+
+
+def bench_case(key: str, dev: torch.device, args) -> dict:
+    case = ts.CASES[key]
+    batch = case["batch"][dev.type]
+    amp = getattr(args, "amp", "off")  # bench.run hands over the shared flags only
+    dtype = ts.AMP_DTYPES[amp]
+    models = {n: m.eval() for n, m in ts.builds(case, dev).items()}
+    x, _ = ts.random_batch(case, batch, models["spikeops"], dev)
+    calls = {n: (lambda m=m: forward(m, x, dtype)) for n, m in models.items()}
+    reps = max(3, args.repeats // 2)
+    times = H.time_interleaved(calls, {n: reps for n in calls}, max(1, args.warmup), dev)
+    reference = forward(models["torch"], x, dtype).float()
+    rows = {}
+    for n, t in times.items():
+        if isinstance(t, Exception):
+            rows[n] = {"error": f"{type(t).__name__}: {t}"}
+            continue
+        diff = (forward(models[n], x, dtype).float() - reference).abs().max().item()
+        rows[n] = {"batch_ms": H.median(t), "times_ms": t, "images_per_s": batch / H.median(t) * 1e3,
+                   "max_logit_diff_vs_torch": diff}
+    for r in rows.values():
+        for base in ("torch", "spikingjelly"):
+            if "batch_ms" in r and "batch_ms" in rows.get(base, {}):
+                r[f"speedup_vs_{base}"] = rows[base]["batch_ms"] / r["batch_ms"]
+    return {"model": case["model"], "overrides": case["overrides"], "batch": batch, "T": models["spikeops"].T,
+            "img": case["img"], "amp": amp, "builds": rows}
+
+
+def table(results: dict) -> str:
+    head = ["case", "build", "ms / batch", "min ms", "images/s", "x vs torch", "x vs SJ", "max |logit diff|"]
+    rows = []
+    for res in results.values():
+        amp = "" if res["amp"] == "off" else f" {res['amp']}"
+        label = f"{res['model']} b{res['batch']} T{res['T']} {res['img']}px{amp}"
+        for n, r in res["builds"].items():
+            if "error" in r:
+                rows.append([label, n, r["error"][:60]] + ["-"] * 5)
+                continue
+            rows.append([label, n, H.fmt(r["batch_ms"], 1), H.fmt(min(r["times_ms"]), 1), H.fmt(r["images_per_s"], 1),
+                         H.fmt(r.get("speedup_vs_torch")), H.fmt(r.get("speedup_vs_spikingjelly")),
+                         f"{r['max_logit_diff_vs_torch']:.2g}"])
+    return H.markdown_table(head, rows)
+
+
+def run(args) -> None:
+    H.configure_malloc(args.malloc)
+    amp = getattr(args, "amp", "off")
+    for dev in H.devices(args.device):
+        wanted = [k for k in ts.CASES if dev.type in ts.CASES[k]["batch"]]
+        if args.shapes not in ("all", "main"):
+            wanted = [k for k in args.shapes.split(",") if k in wanted]
+        results = {}
+        for key in wanted:
+            print(f"  {key}: {ts.CASES[key]['model']} inference on {dev} ...", flush=True)
+            results[key] = bench_case(key, dev, args)
+        if results:
+            print(table(results))
+            name = f"inference_{dev.type}" + ("" if amp == "off" else f"_{amp}")
+            print(f"  wrote {H.write_json(name, {**H.run_header(dev), 'amp': amp, 'results': results})}")
+
+
+if __name__ == "__main__":
+    parser = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--amp", choices=tuple(ts.AMP_DTYPES), default="off", help="autocast dtype")
+    a = parser.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run(a)
