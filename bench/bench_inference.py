@@ -1,12 +1,18 @@
 """End-to-end inference: a model's forward in eval mode under ``torch.inference_mode()``.
 
-The three builds of :mod:`bench.bench_train_step` (same weights): ``spikeops`` (its kernels: the
+The three builds of :mod:`bench.bench_train_step` (same weights and BatchNorm statistics): ``spikeops`` (its kernels: the
 multi-step LIF, the fused SSA / token attention; BatchNorm, Linear and conv are torch's), ``torch``
 (``backend="torch"``: eager PyTorch) and ``spikingjelly`` (the torch build with SpikingJelly 2.0
 ``LIFNode``s). Reported per build: median (and min) ms per batch of round-robin timed calls,
 images/s, the speed-up against ``torch`` and ``spikingjelly``, and the largest difference of its
 logits from the ``torch`` build's (0 when every spike matched). Same cases and batch sizes as the
 training step (``--shapes cifar,v2``; ``v2_512`` on CUDA). ``--amp bf16|fp16`` runs under autocast.
+
+A freshly initialised model in eval mode is silent (BatchNorm's running statistics are still 0 / 1,
+so almost no neuron reaches threshold), which would time a network without spikes. The running
+statistics are therefore first calibrated: cumulative averages over a few training-mode forward
+passes on random batches, without gradients. The table reports the resulting mean firing rate of
+the layers' spike inputs.
 Results: a markdown table and ``bench/results/inference_<device>[_<amp>].json``.
 """
 from __future__ import annotations
@@ -29,13 +35,51 @@ def forward(model, x, dtype):
     return out
 
 
+def calibrate(model, case: dict, batch: int, dev: torch.device, passes: int = 3) -> None:
+    """Set every BatchNorm's running statistics to the cumulative average over ``passes``
+    training-mode forward passes on random batches (no gradients)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    gen = torch.Generator().manual_seed(2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            forward(model, torch.rand(batch, 3, case["img"], case["img"], generator=gen).to(dev), None)
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    model.eval()
+
+
+def firing_rate(model, x) -> float:
+    """Mean fraction of nonzero inputs over the layers fed with spikes (Spike* layers)."""
+    counts = [0, 0]
+
+    def hook(module, inputs, output):
+        counts[0] += int(torch.count_nonzero(inputs[0]))
+        counts[1] += inputs[0].numel()
+    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.startswith("Spike")
+               and isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    forward(model, x, None)
+    for h in handles:
+        h.remove()
+    return counts[0] / max(counts[1], 1)
+
+
 def bench_case(key: str, dev: torch.device, args) -> dict:
     case = ts.CASES[key]
     batch = case["batch"][dev.type]
     amp = getattr(args, "amp", "off")  # bench.run hands over the shared flags only
     dtype = ts.AMP_DTYPES[amp]
-    models = {n: m.eval() for n, m in ts.builds(case, dev).items()}
+    models = ts.builds(case, dev)
+    calibrate(models["spikeops"], case, batch, dev)
+    for m in models.values():
+        m.load_state_dict(models["spikeops"].state_dict())
+        m.eval()
     x, _ = ts.random_batch(case, batch, models["spikeops"], dev)
+    rate = firing_rate(models["spikeops"], x)
     calls = {n: (lambda m=m: forward(m, x, dtype)) for n, m in models.items()}
     reps = max(3, args.repeats // 2)
     times = H.time_interleaved(calls, {n: reps for n in calls}, max(1, args.warmup), dev)
@@ -53,7 +97,7 @@ def bench_case(key: str, dev: torch.device, args) -> dict:
             if "batch_ms" in r and "batch_ms" in rows.get(base, {}):
                 r[f"speedup_vs_{base}"] = rows[base]["batch_ms"] / r["batch_ms"]
     return {"model": case["model"], "overrides": case["overrides"], "batch": batch, "T": models["spikeops"].T,
-            "img": case["img"], "amp": amp, "builds": rows}
+            "img": case["img"], "amp": amp, "firing_rate": rate, "builds": rows}
 
 
 def table(results: dict) -> str:
@@ -61,7 +105,7 @@ def table(results: dict) -> str:
     rows = []
     for res in results.values():
         amp = "" if res["amp"] == "off" else f" {res['amp']}"
-        label = f"{res['model']} b{res['batch']} T{res['T']} {res['img']}px{amp}"
+        label = f"{res['model']} b{res['batch']} T{res['T']} {res['img']}px{amp}, rate {res['firing_rate']:.3f}"
         for n, r in res["builds"].items():
             if "error" in r:
                 rows.append([label, n, r["error"][:60]] + ["-"] * 5)
