@@ -28,7 +28,7 @@ from bench import harness as H
 
 def forward(model, x, dtype):
     """Logits for ``x`` (SpikingJelly neurons reset after the call, as between batches)."""
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with torch.inference_mode(), ts.autocast(x.device.type, dtype):
         out = model(x)
     if eager.sj_functional is not None:
         eager.sj_functional.reset_net(model)

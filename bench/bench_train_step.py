@@ -87,13 +87,18 @@ def random_batch(case: dict, batch: int, model: nn.Module, dev: torch.device) ->
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast(device_type: str, dtype):
+    """``torch.autocast`` to ``dtype``, or a disabled one for ``dtype=None`` (``--amp off``)."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: str = "off"):
     dtype = AMP_DTYPES[amp]
     scaler = torch.amp.GradScaler(x.device.type) if dtype == torch.float16 else None
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast(x.device.type, dtype):
             loss = F.cross_entropy(model(x), y)
         if scaler is None:
             loss.backward()
@@ -137,7 +142,7 @@ def bench_case(key: str, dev: torch.device, args) -> dict:
         params = list(m.parameters())
 
         def forward(m=m):
-            with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with autocast(dev.type, dtype):
                 out = F.cross_entropy(m(x), y)
             if eager.sj_functional is not None:
                 eager.sj_functional.reset_net(m)
