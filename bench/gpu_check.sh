@@ -9,6 +9,8 @@
 # carried to the device). Each step has its own time limit (seconds, overridable: TEST_S, BENCH_S;
 # BENCH_S="" runs no bench) so that one slow or failing step leaves the others their time;
 # everything is logged under $OUT, and bench/results/ is archived there as results.tgz.
+# BENCH_S may also name inference (bench_inference). AMP_S="bf16:150" (default none) adds the
+# training step under autocast (bench_train_step --amp bf16, all CUDA cases).
 set -u
 OUT=${OUT:-/tmp/spikeops_gpu}
 mkdir -p "$OUT"
@@ -18,6 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONP
 TEST_S=${TEST_S:-130}
 BENCH_S=${BENCH_S-"ssa:60 token_attention:60 train_step:150 lif:35 masked_conv:45"}
 REPEATS=${REPEATS:-20}
+AMP_S=${AMP_S-""}
 
 {
   date -u
@@ -40,6 +43,13 @@ for spec in $BENCH_S; do
   echo "# bench_$name (limit ${limit}s)" | tee -a "$OUT/bench.log"
   timeout "$limit" python3 -m bench.run --device cuda --only "$name" --repeats "$REPEATS" >>"$OUT/bench.log" 2>&1
   echo "bench_$name: exit $?" | tee -a "$OUT/env.txt" "$OUT/bench.log"
+done
+for spec in $AMP_S; do
+  amp=${spec%%:*}
+  limit=${spec##*:}
+  echo "# bench_train_step --amp $amp (limit ${limit}s)" | tee -a "$OUT/bench.log"
+  timeout "$limit" python3 -m bench.bench_train_step --device cuda --amp "$amp" --repeats "$REPEATS" >>"$OUT/bench.log" 2>&1
+  echo "bench_train_step --amp $amp: exit $?" | tee -a "$OUT/env.txt" "$OUT/bench.log"
 done
 tar czf "$OUT/results.tgz" bench/results 2>/dev/null
 grep -v "^ *[a-z_]*: .* on cuda \.\.\.$" "$OUT/bench.log" | tail -n 60
