@@ -17,10 +17,9 @@ Results: a markdown table and ``bench/results/inference_<device>[_<amp>].json``.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+import spikeops.nn as snn
 from bench import bench_train_step as ts
 from bench import eager
 from bench import harness as H
@@ -60,8 +59,8 @@ def firing_rate(model, x) -> float:
     def hook(module, inputs, output):
         counts[0] += int(torch.count_nonzero(inputs[0]))
         counts[1] += inputs[0].numel()
-    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m).__name__.startswith("Spike")
-               and isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    spike_layers = (snn.SpikeLinear, snn.SpikeConv1d, snn.SpikeConv2d)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, spike_layers)]
     forward(model, x, None)
     for h in handles:
         h.remove()
@@ -71,7 +70,7 @@ def firing_rate(model, x) -> float:
 def bench_case(key: str, dev: torch.device, args) -> dict:
     case = ts.CASES[key]
     batch = case["batch"][dev.type]
-    amp = getattr(args, "amp", "off")  # bench.run hands over the shared flags only
+    amp = ts.amp_of(args)
     dtype = ts.AMP_DTYPES[amp]
     models = ts.builds(case, dev)
     calibrate(models["spikeops"], case, batch, dev)
@@ -118,26 +117,17 @@ def table(results: dict) -> str:
 
 def run(args) -> None:
     H.configure_malloc(args.malloc)
-    amp = getattr(args, "amp", "off")
+    amp = ts.amp_of(args)
     for dev in H.devices(args.device):
-        wanted = [k for k in ts.CASES if dev.type in ts.CASES[k]["batch"]]
-        if args.shapes not in ("all", "main"):
-            wanted = [k for k in args.shapes.split(",") if k in wanted]
         results = {}
-        for key in wanted:
+        for key in ts.wanted_cases(dev, args.shapes):
             print(f"  {key}: {ts.CASES[key]['model']} inference on {dev} ...", flush=True)
             results[key] = bench_case(key, dev, args)
         if results:
             print(table(results))
-            name = f"inference_{dev.type}" + ("" if amp == "off" else f"_{amp}")
-            print(f"  wrote {H.write_json(name, {**H.run_header(dev), 'amp': amp, 'results': results})}")
+            payload = {**H.run_header(dev), "amp": amp, "results": results}
+            print(f"  wrote {H.write_json(ts.result_name('inference', dev, amp), payload)}")
 
 
 if __name__ == "__main__":
-    parser = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--amp", choices=tuple(ts.AMP_DTYPES), default="off", help="autocast dtype")
-    a = parser.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    run(a)
+    ts.main(__doc__, run)

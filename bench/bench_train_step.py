@@ -87,6 +87,33 @@ def random_batch(case: dict, batch: int, model: nn.Module, dev: torch.device) ->
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def amp_of(args) -> str:
+    """The ``--amp`` choice ("off" when run by bench.run, which hands over the shared flags only)."""
+    return getattr(args, "amp", "off")
+
+
+def wanted_cases(dev: torch.device, shapes: str) -> list[str]:
+    """The CASES with a batch size for ``dev``, narrowed to ``--shapes`` unless it is all/main."""
+    wanted = [k for k in CASES if dev.type in CASES[k]["batch"]]
+    return wanted if shapes in ("all", "main") else [k for k in shapes.split(",") if k in wanted]
+
+
+def result_name(prefix: str, dev: torch.device, amp: str) -> str:
+    """``<prefix>_<device>`` (``_<amp>`` appended under autocast): the JSON / PNG file stem."""
+    return f"{prefix}_{dev.type}" + ("" if amp == "off" else f"_{amp}")
+
+
+def main(doc: str, run) -> None:
+    """Command line shared by the end-to-end benches: the common flags, --threads and --amp."""
+    parser = H.add_common_args(argparse.ArgumentParser(description=doc.splitlines()[0]))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast dtype for forward (+ loss)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args)
+
+
 def autocast(device_type: str, dtype):
     """``torch.autocast`` to ``dtype``, or a disabled one for ``dtype=None`` (``--amp off``)."""
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
@@ -128,7 +155,7 @@ def bench_case(key: str, dev: torch.device, args) -> dict:
     batch = case["batch"][dev.type]
     models = builds(case, dev)
     x, y = random_batch(case, batch, models["spikeops"], dev)
-    amp = getattr(args, "amp", "off")  # bench.run hands over the shared flags only
+    amp = amp_of(args)
     steps = {n: train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), x, y, amp) for n, m in models.items()}
     dtype = AMP_DTYPES[amp]
     reps = max(3, min(args.repeats, 5)) if dev.type == "cpu" else max(5, args.repeats // 2)
@@ -208,11 +235,8 @@ def chart(results: dict, path) -> None:
 def run(args) -> None:
     H.configure_malloc(args.malloc)
     for dev in H.devices(args.device):
-        wanted = [k for k in CASES if dev.type in CASES[k]["batch"]]
-        if args.shapes not in ("all", "main"):
-            wanted = [k for k in args.shapes.split(",") if k in wanted]
         results = {}
-        for key in wanted:
+        for key in wanted_cases(dev, args.shapes):
             print(f"  {key}: {CASES[key]['model']} on {dev} ...", flush=True)
             results[key] = bench_case(key, dev, args)
         if not results:
@@ -231,19 +255,12 @@ def run(args) -> None:
                     met.append(f"peak {r['peak_ratio_vs_torch']:.2f} of torch (target <= {tgt['peak']}): "
                                f"{'met' if r['peak_ratio_vs_torch'] <= tgt['peak'] else 'NOT met'}")
                 print(f"  {key}: " + "; ".join(met))
-        amp = getattr(args, "amp", "off")
-        name = f"train_step_{dev.type}" + ("" if amp == "off" else f"_{amp}")
-        path = H.write_json(name, {**H.run_header(dev), "amp": amp, "results": results})
+        amp = amp_of(args)
+        path = H.write_json(result_name("train_step", dev, amp), {**H.run_header(dev), "amp": amp, "results": results})
         png = path.with_suffix(".png")
         chart(results, png)
         print(f"  wrote {path} and {png}")
 
 
 if __name__ == "__main__":
-    parser = H.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast dtype for forward + loss")
-    a = parser.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    run(a)
+    main(__doc__, run)

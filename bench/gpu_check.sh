@@ -37,19 +37,20 @@ timeout -s INT -k 15 "$TEST_S" python3 -m pytest -q -rfE --tb=short -k triton $X
 echo "tests: exit $? (124 = interrupted at ${TEST_S}s)" | tee -a "$OUT/env.txt"
 tail -n 25 "$OUT/tests.log"
 
+# bench_step LABEL LIMIT_S COMMAND...: one benchmark under its own time limit, logged
+bench_step() {
+  local label=$1 limit=$2
+  shift 2
+  echo "# $label (limit ${limit}s)" | tee -a "$OUT/bench.log"
+  timeout "$limit" "$@" >>"$OUT/bench.log" 2>&1
+  echo "$label: exit $?" | tee -a "$OUT/env.txt" "$OUT/bench.log"
+}
 for spec in $BENCH_S; do
-  name=${spec%%:*}
-  limit=${spec##*:}
-  echo "# bench_$name (limit ${limit}s)" | tee -a "$OUT/bench.log"
-  timeout "$limit" python3 -m bench.run --device cuda --only "$name" --repeats "$REPEATS" >>"$OUT/bench.log" 2>&1
-  echo "bench_$name: exit $?" | tee -a "$OUT/env.txt" "$OUT/bench.log"
+  bench_step "bench_${spec%%:*}" "${spec##*:}" python3 -m bench.run --device cuda --only "${spec%%:*}" --repeats "$REPEATS"
 done
 for spec in $AMP_S; do
-  amp=${spec%%:*}
-  limit=${spec##*:}
-  echo "# bench_train_step --amp $amp (limit ${limit}s)" | tee -a "$OUT/bench.log"
-  timeout "$limit" python3 -m bench.bench_train_step --device cuda --amp "$amp" --repeats "$REPEATS" >>"$OUT/bench.log" 2>&1
-  echo "bench_train_step --amp $amp: exit $?" | tee -a "$OUT/env.txt" "$OUT/bench.log"
+  bench_step "bench_train_step --amp ${spec%%:*}" "${spec##*:}" \
+    python3 -m bench.bench_train_step --device cuda --amp "${spec%%:*}" --repeats "$REPEATS"
 done
 tar czf "$OUT/results.tgz" bench/results 2>/dev/null
 grep -v "^ *[a-z_]*: .* on cuda \.\.\.$" "$OUT/bench.log" | tail -n 60

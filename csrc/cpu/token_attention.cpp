@@ -77,6 +77,16 @@ inline void check_saved(const char* op, const at::Tensor& k_words, int64_t rows,
               op, ": h must be contiguous fp32 [T, BH, N]");
 }
 
+// What a forward gets: q, k (and p) contiguous 4-d tensors of one shape and dtype in `layout`.
+inline void check_inputs(const char* op, const char* layout, const at::Tensor& q, const at::Tensor& k,
+                         const std::optional<at::Tensor>& p) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.sizes() == q.sizes() && k.is_contiguous() &&
+                  k.scalar_type() == q.scalar_type(),
+              op, ": q, k must be contiguous ", layout, " of one dtype");
+  TORCH_CHECK(!p || (p->sizes() == q.sizes() && p->is_contiguous() && p->scalar_type() == q.scalar_type()),
+              op, ": p must match q");
+}
+
 constexpr int64_t kCfTokens = 1024;  // tokens per item in the [d, N] layout: whole words of k's bits, whole pages of a row
 
 // Per-thread state of one [d, N]-layout item: the neuron's V (forward) or dL/dV (backward), H
@@ -129,11 +139,7 @@ void cf_step_backward(const float* g, const uint64_t* k_words, int64_t Wn, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& p, double v_threshold,
     double tau, bool save) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.sizes() == q.sizes() && k.is_contiguous() &&
-                  k.scalar_type() == q.scalar_type(),
-              "token_attention_forward: q, k must be contiguous [T, BH, N, d] of one dtype");
-  TORCH_CHECK(!p || (p->sizes() == q.sizes() && p->is_contiguous() && p->scalar_type() == q.scalar_type()),
-              "token_attention_forward: p must match q");
+  check_inputs("token_attention_forward", "[T, BH, N, d]", q, k, p);
   const int64_t T = q.size(0), R = q.size(1) * q.size(2), d = q.size(3), Wd = words_for(d);
   auto out = at::empty_like(q);
   auto h = at::empty(save ? std::vector<int64_t>{T, q.size(1), q.size(2)} : std::vector<int64_t>{0},
@@ -199,11 +205,7 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& p, double v_threshold,
     double tau, bool save) {
-  TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && k.sizes() == q.sizes() && k.is_contiguous() &&
-                  k.scalar_type() == q.scalar_type(),
-              "token_attention_cf_forward: q, k must be contiguous [T, BH, d, N] of one dtype");
-  TORCH_CHECK(!p || (p->sizes() == q.sizes() && p->is_contiguous() && p->scalar_type() == q.scalar_type()),
-              "token_attention_cf_forward: p must match q");
+  check_inputs("token_attention_cf_forward", "[T, BH, d, N]", q, k, p);
   const int64_t T = q.size(0), BH = q.size(1), d = q.size(2), N = q.size(3), Wn = words_for(N);
   const int64_t chunks = (N + kCfTokens - 1) / kCfTokens;
   auto out = at::empty_like(q);

@@ -95,6 +95,21 @@ def _neuron_backward_step(h, grad_a, gv, tau_v, v_threshold, alpha):
 
 
 @triton.jit
+def _step_inputs(q_ptr, k_ptr, p_ptr, offs, mask, bad, HAS_P: tl.constexpr, AXIS: tl.constexpr):
+    """One step's tile of k, the sum of q (+ p) over the channels (tile axis AXIS), and ``bad``
+    with every value of q, k, p that is neither 0 nor 1 flagged."""
+    q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bad |= tl.where(((q != 0.0) & (q != 1.0)) | ((k != 0.0) & (k != 1.0)), 1, 0)
+    s = tl.sum(q, axis=AXIS)
+    if HAS_P:
+        pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
+        s = s + tl.sum(pv, axis=AXIS)
+    return k, s, bad
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, bad_ptr, T, R, d, v_threshold, tau,
     HAS_P: tl.constexpr, SAVE_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -108,14 +123,7 @@ def _forward_kernel(
     bad = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
     for t in range(T):
         offs = (t * R + rows[:, None]) * d + cols[None, :]
-        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        bad |= tl.where(((q != 0.0) & (q != 1.0)) | ((k != 0.0) & (k != 1.0)), 1, 0)
-        s = tl.sum(q, axis=1)
-        if HAS_P:
-            pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
-            s = s + tl.sum(pv, axis=1)
+        k, s, bad = _step_inputs(q_ptr, k_ptr, p_ptr, offs, mask, bad, HAS_P, 1)
         h, fire, v = _neuron_step(v, s, tau_v, v_threshold)
         if SAVE_H:
             tl.store(h_ptr + t * R + rows, h, mask=rows < R)
@@ -163,14 +171,7 @@ def _cf_forward_kernel(
     for t in range(T):
         block = t * BH + bh
         offs = (block * d + rows[:, None]) * N + cols[None, :]
-        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        bad |= tl.where(((q != 0.0) & (q != 1.0)) | ((k != 0.0) & (k != 1.0)), 1, 0)
-        s = tl.sum(q, axis=0)
-        if HAS_P:
-            pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
-            s = s + tl.sum(pv, axis=0)
+        k, s, bad = _step_inputs(q_ptr, k_ptr, p_ptr, offs, mask, bad, HAS_P, 0)
         h, fire, v = _neuron_step(v, s, tau_v, v_threshold)
         if SAVE:
             tl.store(h_ptr + block * N + cols, h, mask=cols < N)
