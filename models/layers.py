@@ -15,6 +15,7 @@ from torch import nn
 
 import spikeops.nn as snn
 from spikeops.ops.batch_norm_lif import batch_norm_lif
+from spikeops.ops.known_counts import add_counts
 
 
 def conv2d(backend: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -54,8 +55,8 @@ class SpikformerBlock(nn.Module):
         self.mlp = snn.SpikingMLP(dim, int(dim * mlp_ratio), backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+        x = add_counts(x, self.attn(x))  # a sum of spikes, known so (see spikeops.ops.known_counts)
+        return add_counts(x, self.mlp(x))
 
 
 class TokenHead(nn.Module):

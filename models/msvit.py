@@ -59,6 +59,7 @@ import spikeops.nn as snn
 from spikeops.models.layers import conv2d, time_major_images
 from spikeops.models.registry import register_model
 from spikeops.ops.batch_norm_lif import batch_norm_lif
+from spikeops.ops.known_counts import add_counts, same_counts
 
 __all__ = ["MSViT", "QKFormer", "HierarchicalSpikingTransformer"]
 
@@ -168,8 +169,8 @@ class TokenAttentionBlock(nn.Module):
                                  snn.ConvBNLIF(hidden, dim, 1, bias=True, backend=backend))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+        x = add_counts(x, self.attn(x))
+        return add_counts(x, self.mlp(x))
 
 
 class SSABlock(nn.Module):
@@ -187,8 +188,8 @@ class SSABlock(nn.Module):
         self.mlp = snn.SpikingMLP(dim, int(dim * mlp_ratio), backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+        x = add_counts(x, self.attn(x))
+        return add_counts(x, self.mlp(x))
 
 
 class HierarchicalSpikingTransformer(nn.Module):
@@ -276,7 +277,7 @@ class HierarchicalSpikingTransformer(nn.Module):
         x = self._token_stage(x, self.stage1)
         x = self._token_stage(self.patch_embed2(x), self.stage2)  # [T, B, w2, h/2, w/2]
         x = self.patch_embed3(x)  # [T, B, D, h/4, w/4]
-        x = x.flatten(3).transpose(2, 3).contiguous()  # [T, B, N, D]
+        x = same_counts(x, x.flatten(3).transpose(2, 3).contiguous())  # [T, B, N, D]
         for blk in self.stage3:
             x = blk(x)
         return x

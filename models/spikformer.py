@@ -17,6 +17,7 @@ from torch import nn
 import spikeops.nn as snn
 from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_config, time_major_images
 from spikeops.models.registry import register_model
+from spikeops.ops.known_counts import add_counts, same_counts
 
 
 class SpikingPatchSplitting(nn.Module):
@@ -38,11 +39,11 @@ class SpikingPatchSplitting(nn.Module):
             if i in self.pool_after:
                 y = self.pool(x.flatten(0, 1))
                 x = y.view(*x.shape[:2], *y.shape[1:])
-        x = x + self.rpe(x)
+        x = add_counts(x, self.rpe(x))
         # [T, B, D, H', W'] -> [T, B, N, D], laid out as such: a transposed view here would make every
         # residual sum after it transposed too (elementwise ops keep their input's layout), and each
         # projection would copy its input to contiguous, forward and backward
-        return x.flatten(3).transpose(2, 3).contiguous()
+        return same_counts(x, x.flatten(3).transpose(2, 3).contiguous())
 
 
 class Spikformer(nn.Module):

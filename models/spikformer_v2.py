@@ -19,6 +19,7 @@ from torch import nn
 
 from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_config, time_major_images
 from spikeops.models.registry import register_model
+from spikeops.ops.known_counts import same_counts
 
 
 class SpikingConvStem(nn.Module):
@@ -66,9 +67,11 @@ class SpikformerV2(nn.Module):
     def forward_features(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Images -> tokens ``[T, B, N, D]`` after the last block (``N = N_vis`` with ``keep``)."""
         x = self.stem(time_major_images(x, self.T, self.in_channels, self.grid, type(self).__name__))
-        x = x.flatten(3).transpose(2, 3)  # [T, B, D, h, w] -> [T, B, N, D]
+        # [T, B, D, h, w] -> [T, B, N, D] laid out as such (as Spikformer's SPS: a transposed view would
+        # make every residual sum transposed too, and every projection copy its input to contiguous)
+        x = same_counts(x, x.flatten(3).transpose(2, 3).contiguous())
         if keep is not None:
-            x = torch.gather(x, 2, keep[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[3]))
+            x = same_counts(x, torch.gather(x, 2, keep[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[3])))
         for block in self.blocks:
             x = block(x)
         return x

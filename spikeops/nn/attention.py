@@ -8,6 +8,7 @@ from spikeops._validation import check_finite, check_float_tensor, check_tau, ch
 from spikeops.nn.lif import LIF
 from spikeops.nn.spike_layers import SpikeLinear
 from spikeops.ops.batch_norm_lif import batch_norm_lif
+from spikeops.ops.known_counts import same_counts
 from spikeops.ops.ssa import ssa
 
 LAYOUTS = ("tbnc", "tbcn")
@@ -82,7 +83,7 @@ class SpikingSelfAttention(nn.Module):
         heads = [branch(x).view(T, B, N, self.num_heads, C // self.num_heads).transpose(2, 3)
                  for branch in (self.q, self.k, self.v)]
         a = ssa(*heads, scale=self.scale, v_threshold=self.attn_v_threshold, tau=self.tau, backend=self.backend)
-        out = self.proj(a.transpose(2, 3).reshape(T, B, N, C))
+        out = self.proj(same_counts(a, a.transpose(2, 3).reshape(T, B, N, C)))
         return out.transpose(2, 3) if self.layout == "tbcn" else out
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from spikeops.ops.compact import compact, memory_format, restore
+from spikeops.ops.known_counts import same_counts
 from spikeops.ops.pack import word_rows
 
 
@@ -106,8 +107,8 @@ def _autocast_inputs(*tensors):
     if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in tensors)
+    return tuple(same_counts(t, t.to(dtype)) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
 def _check_input(layer, input, channel_dim: int, expected: int, what: str) -> None:
@@ -211,7 +212,7 @@ class _CompactMaxPool2d(torch.autograd.Function):
         ctx.args, ctx.shape = args, x.shape
         saved, ctx.meta = _compact_input(x, 1)
         ctx.save_for_backward(saved)
-        return torch.ops.aten.max_pool2d(x, *args)
+        return same_counts(x, torch.ops.aten.max_pool2d(x, *args))  # maxima of spikes are spikes
 
     @staticmethod
     @once_differentiable

@@ -19,6 +19,7 @@ from spikeops._validation import check_finite, check_float_tensor, check_tau, ch
 from spikeops.nn.lif import LIF
 from spikeops.nn.spike_layers import SpikeConv1d
 from spikeops.ops.batch_norm_lif import batch_norm_lif
+from spikeops.ops.known_counts import same_counts
 from spikeops.ops.token_attention import token_attention
 
 
@@ -69,7 +70,7 @@ class _TokenAttentionBlock(nn.Module):
         p = heads(self.p(x)) if self.p is not None else None
         a = token_attention(heads(self.q(x)), heads(self.k(x)), p, v_threshold=self.attn_v_threshold,
                             tau=self.tau, backend=self.backend)
-        return self.proj(a.transpose(-1, -2).reshape(T, B, C, N))
+        return self.proj(same_counts(a, a.transpose(-1, -2).reshape(T, B, C, N)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, attn_v_threshold={self.attn_v_threshold}"

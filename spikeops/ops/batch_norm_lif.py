@@ -5,10 +5,11 @@ dim 1, statistics shared across time steps) or ``[T*B*N, C]``; the LIF runs over
 
 Unfused, autograd keeps BatchNorm's input ``Y`` (fp32) *and* the neuron's membrane state
 ``H`` (fp32): 8 bytes per neuron per step. Here only ``Y`` is kept. Backward recomputes
-``Z = BN(Y)`` with the same aten kernel and the same batch statistics (bit-identical to the
-forward's ``Z``), reruns the LIF forward kernel on it for ``H`` alone (``lif_state``), and then runs the LIF and
-BatchNorm backward kernels, so the gradients are those of the two layers called in turn. The
-extra work is one elementwise BatchNorm pass and one LIF forward pass: no matmul or conv.
+``Z = BN(Y)`` with the same kernel (cuDNN's where ``nn.BatchNorm`` would use it, else ATen's) and
+the same batch statistics (bit-identical to the forward's ``Z``), reruns the LIF forward kernel on
+it for ``H`` alone (``lif_state``), and then runs the LIF and BatchNorm backward kernels, so the
+gradients are those of the two layers called in turn. The extra work is one BatchNorm forward
+and one LIF forward pass: no matmul or conv.
 
 Running statistics are updated exactly as ``nn.BatchNorm*d`` updates them (momentum, or the
 cumulative average for ``momentum=None``).
@@ -21,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from spikeops import backend as _backend
 from spikeops._validation import check_float_tensor
+from spikeops.ops.known_counts import mark_counts
 from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward, _lif_state
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,32 +31,44 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class _BatchNormLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, training, momentum, eps, T, lif_args, backend):
-        z, mean, invstd = torch.ops.aten.native_batch_norm(y, weight, bias, running_mean, running_var, training,
-                                                           momentum, eps)
+        z = _batch_norm(y, weight, bias, running_mean, running_var, training, momentum, eps)[0]
         spikes, _ = _lif_forward(z.view(T, -1), *lif_args, False, False, backend)
         stats = (None, None) if training else (running_mean.clone(), running_var.clone())
-        ctx.save_for_backward(y, weight, bias, mean, invstd, *stats)
+        ctx.save_for_backward(y, weight, bias, *stats)
         ctx.training, ctx.eps, ctx.T, ctx.lif_args, ctx.backend = training, eps, T, lif_args, backend
         return spikes.view(y.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_spikes):
-        y, weight, bias, mean, invstd, running_mean, running_var = ctx.saved_tensors
+        y, weight, bias, running_mean, running_var = ctx.saved_tensors
         # the forward's BN output, bit for bit: same kernel, same input, same statistics source
-        z = torch.ops.aten.native_batch_norm(y, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps)[0]
+        # (momentum 0: the running statistics are not updated twice)
+        z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, ctx.training, 0.0,
+                                                     ctx.eps)
         args = ctx.lif_args
         # only H is needed (no spikes); Z, then H are dropped as soon as they are used (each is a
         # tensor the size of y, alive at this layer's peak otherwise)
         h = _lif_state(z.view(ctx.T, -1), *args[:5], ctx.backend)
         del z
-        grad_z = _lif_backward(grad_spikes.contiguous().view(ctx.T, -1), h, *args, ctx.backend)
+        grad_z = _lif_backward(grad_spikes.contiguous().view(ctx.T, -1), h, *args, ctx.backend).view(y.shape)
         del h
         needs = ctx.needs_input_grad
-        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_z.view(y.shape), y, weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps,
-            [needs[0], needs[1], needs[2]])
-        return grad_y, grad_w, grad_b, None, None, None, None, None, None, None, None
+        mask = [needs[0], needs[1], needs[2]]
+        if ctx.training:  # cuDNN's backward where cuDNN ran the forward, as autograd does for nn.BatchNorm
+            grads = torch.ops.aten._batch_norm_impl_index_backward(impl, y, grad_z, weight, running_mean, running_var,
+                                                                    mean, invstd, True, ctx.eps, mask, reserve)
+        else:  # frozen statistics: autograd uses the native backward for every implementation
+            grads = torch.ops.aten.native_batch_norm_backward(grad_z, y, weight, running_mean, running_var, mean,
+                                                              invstd, False, ctx.eps, mask)
+        return *grads, None, None, None, None, None, None, None, None
+
+
+def _batch_norm(y, weight, bias, running_mean, running_var, training, momentum, eps):
+    """(z, save_mean, save_invstd, reserve, impl): the BatchNorm forward ``F.batch_norm`` runs,
+    cuDNN's where cuDNN takes the input (CUDA, fp32/fp16, 3+ dims) and is enabled, else ATen's."""
+    return torch.ops.aten._batch_norm_impl_index(y, weight, bias, running_mean, running_var, training, momentum, eps,
+                                                 torch.backends.cudnn.enabled)
 
 
 def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn.Module, T: int) -> torch.Tensor:
@@ -104,8 +118,8 @@ def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn
     use_stats = not bn.training or bn.track_running_stats
     lif_args = (lif.tau, lif.v_threshold, 0.0 if lif.v_reset is None else lif.v_reset, lif.v_reset is not None,
                 lif.decay_input, lif.detach_reset, SURROGATE_IDS[lif.surrogate], lif.alpha)
-    return _compiler_disabled_apply(y, bn.weight, bn.bias, bn.running_mean if use_stats else None,
-                                    bn.running_var if use_stats else None, training, factor, bn.eps, T, lif_args, chosen)
+    return mark_counts(_compiler_disabled_apply(y, bn.weight, bn.bias, bn.running_mean if use_stats else None,
+                                    bn.running_var if use_stats else None, training, factor, bn.eps, T, lif_args, chosen))
 
 
 @torch.compiler.disable(reason="spikeops: fused BatchNorm+LIF autograd function")

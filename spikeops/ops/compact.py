@@ -17,7 +17,9 @@ Use it as::
     saved, meta = compact(x, dim=-1)      # in forward; ctx.save_for_backward(saved, ...)
     x = restore(saved, meta)              # in backward; x's values, dtype, shape and layout
 
-The chosen form depends on the values, so it is picked eagerly: the layers that use it
+The chosen form depends on the values, so it is picked eagerly: from what
+:mod:`spikeops.ops.known_counts` knows about ``x`` (spikes a spikeops neuron made, sums of them)
+without looking at it, else by checking the values (on a GPU a host sync). the layers that use it
 (:mod:`spikeops.nn.spike_layers`) take their plain PyTorch path under ``torch.compile``.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from spikeops.ops.pack import PackedSpikes, pack_if_binary, unpack_spikes
+from spikeops.ops.known_counts import counts_bound
+from spikeops.ops.pack import PackedSpikes, pack_if_binary, pack_spikes, unpack_spikes
 
 
 class CompactMeta(NamedTuple):
@@ -45,6 +48,11 @@ def compact(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> tuple[torc
     meta = CompactMeta("plain", x.shape, dim % max(x.dim(), 1), x.dtype, memory_format(x))
     if x.numel() == 0 or not x.is_floating_point():
         return x, meta
+    bound = counts_bound(x)  # known without looking at the values (no host sync on a GPU)
+    if bound == 1:
+        return pack_spikes(x, dim=dim, check=False, backend=backend).words, meta._replace(kind="bits")
+    if bound is not None:
+        return x.to(torch.uint8), meta._replace(kind="uint8")
     packed = pack_if_binary(x, dim=dim, backend=backend)
     if packed is not None:
         return packed.words, meta._replace(kind="bits")

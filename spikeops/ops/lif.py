@@ -31,6 +31,7 @@ import torch
 
 from spikeops import backend as _backend
 from spikeops import reference
+from spikeops.ops.known_counts import mark_counts
 from spikeops._validation import (
     check_choice,
     check_finite,
@@ -193,7 +194,7 @@ def lif(
     chosen = _backend.resolve(x_seq, backend)
 
     if chosen == "torch":
-        return reference.lif(x_seq, tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha)
+        return mark_counts(reference.lif(x_seq, tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha))
 
     x2d = x_seq.contiguous().view(x_seq.shape[0], -1)
     save_h = torch.is_grad_enabled() and x_seq.requires_grad
@@ -211,4 +212,4 @@ def lif(
         state_dtype == torch.bfloat16,
         chosen,
     )
-    return spikes.view(x_seq.shape)
+    return mark_counts(spikes.view(x_seq.shape))

@@ -24,16 +24,19 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
+from spikeops.ops.known_counts import counts_bound, mark_counts
 from spikeops.ops.lif import ATTENTION_NEURON, _lif_backward, _lif_state
 from spikeops.ops.pack import _unpack
 
 TRITON_MAX_ND = 2**31 - 2**16  # the Triton kernel's offsets inside one (t, head) slice are int32
 
 
-def _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend):
-    """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v packed along d [T, BH, N, ceil(d/64)] or empty)."""
+def _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend, check=True):
+    """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v packed along d [T, BH, N, ceil(d/64)] or empty).
+    ``check``: raise unless q, k, v are 0/1 (the kernels find out; reading it back is a host sync
+    on a GPU, skipped for inputs known to be spikes)."""
     out, qw, kw, vw, binary = _backend.kernel("ssa", "ssa_forward", backend)(q, k, v, scale, v_threshold, tau, save_packed)
-    if not binary:  # name the culprit (error path only)
+    if check and not bool(binary):  # name the culprit (error path only)
         check_binary("ssa", (("q", q), ("k", k), ("v", v)))
         raise ValueError("ssa: q, k and v must hold only 0 and 1 (spikes)")
     return out, qw, kw, vw
@@ -42,14 +45,14 @@ def _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend):
 @torch.library.custom_op("spikeops::ssa_forward", mutates_args=())
 def _ssa_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, v_threshold: float, tau: float,
-    save_packed: bool, backend: str,
+    save_packed: bool, backend: str, check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel as a custom op (autograd, torch.compile); see _run_kernel."""
-    return _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend)
+    return _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend, check)
 
 
 @_ssa_forward.register_fake
-def _(q, k, v, scale, v_threshold, tau, save_packed, backend):
+def _(q, k, v, scale, v_threshold, tau, save_packed, backend, check=True):
     T, BH, N, d = q.shape
     shape = (T, BH, N, -(-d // 64)) if save_packed else (0,)
     words = [q.new_empty(shape, dtype=torch.int64) for _ in range(3)]
@@ -71,7 +74,7 @@ def _(grad, qw, kw, vw, scale, v_threshold, tau, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, _, _, scale, v_threshold, tau, _, backend = inputs
+    q, _, _, scale, v_threshold, tau, _, backend, *_ = inputs
     ctx.save_for_backward(*output[1:])
     ctx.shape, ctx.dtype = q.shape, q.dtype
     ctx.params = (scale, v_threshold, tau, backend)
@@ -81,14 +84,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, *_):
     if grad is None:
-        return (None,) * 8
+        return (None,) * 9
     qw, kw, vw = ctx.saved_tensors
     if qw.numel() == 0:
         raise RuntimeError("spikeops.ssa: backward through a forward that ran without grad enabled for q, k, v")
     scale, v_threshold, tau, backend = ctx.params
     if _backend.has_kernel("ssa", "ssa_backward", backend):
         grads = _ssa_backward_fused(grad.contiguous(), qw, kw, vw, scale, v_threshold, tau, backend)
-        return (*(g.to(ctx.dtype) for g in grads), None, None, None, None, None)
+        return (*(g.to(ctx.dtype) for g in grads), None, None, None, None, None, None)
     T, BH, N, d = ctx.shape
     q, k, v = (_unpack(w.view(-1, w.shape[-1]), d, torch.float32, backend).view(T, BH, N, d) for w in (qw, kw, vw))
     kv = k.transpose(-2, -1) @ v                       # [T, BH, d, d], exact integers
@@ -101,7 +104,7 @@ def _backward(ctx, grad, *_):
     dq = g @ kv.transpose(-2, -1)
     dk = v @ dkv.transpose(-2, -1)
     dv = k @ dkv
-    return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None
+    return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None, None
 
 
 torch.library.register_autograd("spikeops::ssa_forward", _backward, setup_context=_setup_context)
@@ -142,12 +145,13 @@ def ssa(
         chosen = "torch"
     if chosen == "torch":
         check_binary("ssa", named)
-        return reference.ssa(q, k, v, scale, v_threshold, tau)
+        return mark_counts(reference.ssa(q, k, v, scale, v_threshold, tau))
     T, B, H, N, d = q.shape
+    check = any(counts_bound(x) != 1 for x in (q, k, v))  # not all known spikes: the kernel's check is read
     flat = [x.contiguous().view(T, B * H, N, d) for x in (q, k, v)]
     if _backend.direct_call_ok(q, k, v):  # inference: skip the op dispatch
-        out = _run_kernel(*flat, scale, v_threshold, tau, False, chosen)[0]
+        out = _run_kernel(*flat, scale, v_threshold, tau, False, chosen, check)[0]
     else:
         save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        out = _ssa_forward(*flat, scale, v_threshold, tau, save, chosen)[0]
-    return out.view(T, B, H, N, d)
+        out = _ssa_forward(*flat, scale, v_threshold, tau, save, chosen, check)[0]
+    return mark_counts(out.view(T, B, H, N, d))

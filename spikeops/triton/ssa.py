@@ -22,10 +22,11 @@ BLOCK_M = 32
 
 
 def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
-    """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v words [T, BH, N, ceil(d/64)] or empty, all 0/1)."""
+    """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v words [T, BH, N, ceil(d/64)] or empty,
+    all 0/1 as a 0-d bool tensor on the device: the caller reads it back only if it must check)."""
     T, BH, N, d = q.shape
     packed = [pack_with_flags(x.view(-1, d), True) for x in (q, k, v)]
-    binary = not bool(torch.stack([bad.any() for _, bad in packed]).any())  # one host sync for the three
+    binary = ~torch.stack([bad.any() for _, bad in packed]).any()
     words = [w.view(T, BH, N, -1) if save_packed else w.new_empty((0,)) for w, _ in packed]
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(d))

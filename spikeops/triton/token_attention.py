@@ -30,7 +30,7 @@ def token_attention_forward(q, k, p, v_threshold, tau, save_h):
         HAS_P=p is not None, SAVE_H=bool(save_h), BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(d),
     )
     k_words = pack_spikes(k.view(-1, d), False)[0] if save_h else k.new_empty((0,), dtype=torch.int64)
-    return out, h, k_words, not bool(bad.any())
+    return out, h, k_words, ~bad.any()
 
 
 def token_attention_backward(grad_out, k_words, h, v_threshold, tau):
@@ -60,7 +60,7 @@ def token_attention_cf_forward(q, k, p, v_threshold, tau, save):
         q, k, p if p is not None else q, out, h if save else out, k_words if save else bad, bad, T, BH, d, N, W,
         float(v_threshold), float(tau), HAS_P=p is not None, SAVE=bool(save), BLOCK_D=triton.next_power_of_2(d),
     )
-    return out, h, k_words, not bool(bad.any())
+    return out, h, k_words, ~bad.any()
 
 
 def token_attention_cf_backward(grad_out, k_words, h, v_threshold, tau):
