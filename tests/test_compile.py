@@ -68,10 +68,14 @@ def assert_same_results(eager, compiled):
     assert torch.equal(out_c, out_e)
     assert_grads_close(gx_c, gx_e)
     assert len(gp_c) == len(gp_e)
+    # relative to the module's largest parameter gradient: a bias right before training-mode
+    # BatchNorm has gradient 0 in exact arithmetic and holds rounding noise whose size depends on
+    # the BatchNorm kernel (cuDNN's in eager CUDA calls, ATen's in the compiled graph)
+    scale = max((e.abs().max().item() for e in gp_e if e is not None), default=0.0)
     for a, e in zip(gp_c, gp_e):
         assert (a is None) == (e is None)
         if e is not None:
-            assert_grads_close(a, e)
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

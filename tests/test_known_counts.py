@@ -114,3 +114,16 @@ def test_a_training_step_of_the_models_checks_no_layer_input_values(monkeypatch,
     img = kwargs.get("img_size", 32)
     F.cross_entropy(model(torch.rand(2, 3, img, img)), torch.tensor([1, 2])).backward()
     assert checks == []
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inference_tensors_are_never_known_and_the_ops_still_run(backend):
+    """inference_mode tensors have no version counter: nothing is recorded, the checks run."""
+    dev = device_for(backend)
+    with torch.inference_mode():
+        q = spikeops.lif(torch.randn(2, 1, 2, 8, 16, device=dev) * 2, backend=backend)
+        a = spikeops.ssa(q, q, q, backend=backend)
+        assert counts_bound(q) is None and counts_bound(a) is None
+        assert torch.equal(a, spikeops.ssa(q.clone(), q.clone(), q.clone(), backend="torch"))
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            spikeops.ssa(q * 2, q, q, backend=backend)

@@ -13,7 +13,8 @@ that knowledge on the tensor itself, so it is never wrong:
   bumps it, so a tensor written to after it was marked is no longer known (it is checked again);
 - a view in another dtype (``x.view(torch.int16)``) is not known; a detached tensor or a copy
   is not known unless the op that made it marks it (``same_counts``);
-- under ``torch.compile`` nothing is recorded or known (the compiled layers never check).
+- under ``torch.compile`` nothing is recorded or known (the compiled layers never check), nor
+  for inference tensors (``torch.inference_mode``: they have no version counter).
 
 ``counts_bound(x)`` is 1 for spikes, ``k`` for integers ``0..k`` (e.g. Spikformer's residual sums
 of spikes), ``None`` when nothing is known: callers then check the values as before.
@@ -39,7 +40,7 @@ def mark_counts(x: torch.Tensor, bound: int = 1) -> torch.Tensor:
     Views of ``x`` are known too (a subset of the values keeps the bound); a partial view of a
     larger tensor is not recorded.
     """
-    if torch.compiler.is_compiling() or not 1 <= bound <= MAX_BOUND or not x.is_floating_point():
+    if torch.compiler.is_compiling() or not 1 <= bound <= MAX_BOUND or not x.is_floating_point() or x.is_inference():
         return x
     root = _root(x)
     if root.dtype == x.dtype and root.numel() == x.numel():  # x is all of root (a partial view is not recorded)
@@ -49,7 +50,7 @@ def mark_counts(x: torch.Tensor, bound: int = 1) -> torch.Tensor:
 
 def counts_bound(x: torch.Tensor) -> Optional[int]:
     """``k`` if ``x`` is known to hold only integers ``0..k`` (1: spikes), else ``None``."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.is_inference():
         return None
     root = _root(x)
     record = getattr(root, _ATTR, None)
