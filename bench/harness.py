@@ -144,7 +144,7 @@ def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) 
         storage = t.untyped_storage()
         if storage.data_ptr() not in skip:
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        return t.detach()  # not t: see spikeops.memory (saving t would leak the graph)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()

@@ -41,15 +41,21 @@ def saved_tensors_report(fn: Callable, *args, **kwargs) -> SavedBytes:
             key, nbytes = ("storage", storage.data_ptr()), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a storage (subclasses, sparse)
             key, nbytes = ("tensor", id(t)), t.numel() * t.element_size()
-        seen.setdefault(key, (nbytes, t.dtype, t))
-        return t
+        # detached aliases, not t: the graph holds this hook (and so `seen`), and a t that an op
+        # saves as its own output (exp's, a LIF's) refers to the graph through its grad_fn: a
+        # reference cycle through C++ that Python cannot collect, leaking the graph every call
+        alias = t.detach()
+        seen.setdefault(key, (nbytes, t.dtype, alias))
+        return alias
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args, **kwargs)
     by_dtype: dict = {}
     for nbytes, dtype, _ in seen.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
-    return SavedBytes(sum(by_dtype.values()), by_dtype, len(seen))
+    storages = len(seen)
+    seen.clear()
+    return SavedBytes(sum(by_dtype.values()), by_dtype, storages)
 
 
 def saved_bytes(fn: Callable, *args, **kwargs) -> int:

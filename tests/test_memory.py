@@ -1,4 +1,6 @@
 """spikeops.memory: bytes autograd keeps for backward, each storage once."""
+import gc
+
 import torch
 
 import spikeops
@@ -79,3 +81,18 @@ def test_graph_still_runs_backward_after_the_report():
 
 def test_exported_as_spikeops_memory():
     assert spikeops.memory.saved_bytes is saved_bytes
+
+
+def test_the_measured_graph_is_freed_with_its_output():
+    """The hooks must not tie saved outputs (exp's, the LIF's) to their own graph: a reference cycle
+    through C++ that the garbage collector cannot free would leak every measured graph."""
+    x = torch.randn(4, 1000, requires_grad=True)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    for fn in (torch.exp, lambda a: spikeops.lif(a, backend="cpp"), lambda a: spikeops.lif(a, backend="torch")):
+        before = live_tensors()
+        assert spikeops.memory.saved_bytes(fn, x) > 0
+        assert live_tensors() == before
