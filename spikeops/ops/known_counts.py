@@ -13,6 +13,8 @@ that knowledge on the tensor itself, so it is never wrong:
   bumps it, so a tensor written to after it was marked is no longer known (it is checked again);
 - a view in another dtype (``x.view(torch.int16)``) is not known; a detached tensor or a copy
   is not known unless the op that made it marks it (``same_counts``);
+- the one write the version counter misses is one through ``x.data`` (``x.data.mul_(2)``), as
+  for autograd's own saved-tensor checks: do not modify spikes that way;
 - under ``torch.compile`` nothing is recorded or known (the compiled layers never check), nor
   for inference tensors (``torch.inference_mode``: they have no version counter).
 
