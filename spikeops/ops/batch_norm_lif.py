@@ -118,8 +118,9 @@ def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn
     use_stats = not bn.training or bn.track_running_stats
     lif_args = (lif.tau, lif.v_threshold, 0.0 if lif.v_reset is None else lif.v_reset, lif.v_reset is not None,
                 lif.decay_input, lif.detach_reset, SURROGATE_IDS[lif.surrogate], lif.alpha)
-    return mark_counts(_compiler_disabled_apply(y, bn.weight, bn.bias, bn.running_mean if use_stats else None,
-                                    bn.running_var if use_stats else None, training, factor, bn.eps, T, lif_args, chosen))
+    stats = (bn.running_mean, bn.running_var) if use_stats else (None, None)
+    spikes = _compiler_disabled_apply(y, bn.weight, bn.bias, *stats, training, factor, bn.eps, T, lif_args, chosen)
+    return mark_counts(spikes)
 
 
 @torch.compiler.disable(reason="spikeops: fused BatchNorm+LIF autograd function")

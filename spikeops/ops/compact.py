@@ -19,7 +19,7 @@ Use it as::
 
 The chosen form depends on the values, so it is picked eagerly: from what
 :mod:`spikeops.ops.known_counts` knows about ``x`` (spikes a spikeops neuron made, sums of them)
-without looking at it, else by checking the values (on a GPU a host sync). the layers that use it
+without looking at it, else by checking the values (on a GPU a host sync). The layers that use it
 (:mod:`spikeops.nn.spike_layers`) take their plain PyTorch path under ``torch.compile``.
 """
 from __future__ import annotations
