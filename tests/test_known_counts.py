@@ -9,7 +9,7 @@ import spikeops.ops.compact as compact_mod
 from spikeops.models import create_model
 from spikeops.ops.compact import compact, restore
 from spikeops.ops.known_counts import MAX_BOUND, add_counts, counts_bound, mark_counts, same_counts
-from tests.harness import KERNEL_BACKENDS, device_for
+from harness import KERNEL_BACKENDS, device_for
 
 
 def _spikes(backend="cpp", shape=(4, 3, 70)):
