@@ -41,9 +41,9 @@ def saved_tensors_report(fn: Callable, *args, **kwargs) -> SavedBytes:
             key, nbytes = ("storage", storage.data_ptr()), storage.nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a storage (subclasses, sparse)
             key, nbytes = ("tensor", id(t)), t.numel() * t.element_size()
-        # detached aliases, not t: the graph holds this hook (and so `seen`), and a t that an op
-        # saves as its own output (exp's, a LIF's) refers to the graph through its grad_fn: a
-        # reference cycle through C++ that Python cannot collect, leaking the graph every call
+        # detached aliases, not t: a t that an op saves as its own output (exp's, a LIF's) refers
+        # to the graph through its grad_fn, and the graph would hold t (and `seen`) through the
+        # hook: a reference cycle through C++ that Python cannot collect, leaking every graph
         alias = t.detach()
         seen.setdefault(key, (nbytes, t.dtype, alias))
         return alias
@@ -53,9 +53,7 @@ def saved_tensors_report(fn: Callable, *args, **kwargs) -> SavedBytes:
     by_dtype: dict = {}
     for nbytes, dtype, _ in seen.values():
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
-    storages = len(seen)
-    seen.clear()
-    return SavedBytes(sum(by_dtype.values()), by_dtype, storages)
+    return SavedBytes(sum(by_dtype.values()), by_dtype, len(seen))
 
 
 def saved_bytes(fn: Callable, *args, **kwargs) -> int:
