@@ -87,6 +87,38 @@ inline void check_inputs(const char* op, const char* layout, const at::Tensor& q
               op, ": p must match q");
 }
 
+// The typed data of a forward, either layout: q, k, p (null without p) and out, H (null unless
+// kept), k's words.
+template <typename scalar_t>
+struct ForwardData {
+  ForwardData(const at::Tensor& q_, const at::Tensor& k_, const std::optional<at::Tensor>& p_, at::Tensor& out_,
+              at::Tensor& h_, bool save, at::Tensor& k_words_)
+      : q(q_.const_data_ptr<scalar_t>()), k(k_.const_data_ptr<scalar_t>()),
+        p(p_ ? p_->const_data_ptr<scalar_t>() : nullptr), out(out_.mutable_data_ptr<scalar_t>()),
+        h(save ? h_.mutable_data_ptr<float>() : nullptr),
+        k_words(reinterpret_cast<uint64_t*>(k_words_.mutable_data_ptr<int64_t>())) {}
+  const scalar_t *q, *k, *p;
+  scalar_t* out;
+  float* h;
+  uint64_t* k_words;
+};
+
+// The typed data of a backward, either layout: dL/dout, k's words, H in; dL/dS, dL/dk out.
+template <typename scalar_t>
+struct BackwardData {
+  BackwardData(const at::Tensor& grad_out_, const at::Tensor& k_words_, const at::Tensor& h_, at::Tensor& grad_s_,
+               at::Tensor& grad_k_)
+      : grad_out(grad_out_.const_data_ptr<scalar_t>()),
+        k_words(reinterpret_cast<const uint64_t*>(k_words_.const_data_ptr<int64_t>())),
+        h(h_.const_data_ptr<float>()), grad_s(grad_s_.mutable_data_ptr<float>()),
+        grad_k(grad_k_.mutable_data_ptr<scalar_t>()) {}
+  const scalar_t* grad_out;
+  const uint64_t* k_words;
+  const float* h;
+  float* grad_s;
+  scalar_t* grad_k;
+};
+
 constexpr int64_t kCfTokens = 1024;  // tokens per item in the [d, N] layout: whole words of k's bits, whole pages of a row
 
 // Per-thread state of one [d, N]-layout item: the neuron's V (forward) or dL/dV (backward), H
@@ -147,24 +179,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_forward(
   auto k_words = at::empty({T * R, Wd}, q.options().dtype(at::kLong));  // filled by the kernel, kept if save
   std::atomic<bool> bad_any{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "token_attention_forward", [&] {
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
-    const scalar_t* pp = p ? p->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    float* hp = save ? h.mutable_data_ptr<float>() : nullptr;
-    uint64_t* kw = reinterpret_cast<uint64_t*>(k_words.mutable_data_ptr<int64_t>());
+    const ForwardData<scalar_t> x(q, k, p, out, h, save, k_words);
     for_each_item((R + kTokens - 1) / kTokens, [&] { return Scratch(d); }, [&](Scratch& s, int64_t chunk, int64_t) {
       const int64_t r0 = chunk * kTokens, rows = std::min(kTokens, R - r0);
       std::fill(s.state.begin(), s.state.end(), 0.0f);
       bool bad = false;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
-        float* o = float_out(op + off, count, s.out);
-        bad |= token_rows_forward(as_float(qp + off, count, s.in[0]),
-                                  pp ? as_float(pp + off, count, s.in[1]) : nullptr,
-                                  as_float(kp + off, count, s.in[2]), rows, d, static_cast<float>(tau),
-                                  static_cast<float>(v_threshold), s, hp ? hp + row0 : s.h.data(), kw + row0 * Wd, o);
-        store_floats(op + off, o, count);
+        float* o = float_out(x.out + off, count, s.out);
+        bad |= token_rows_forward(as_float(x.q + off, count, s.in[0]),
+                                  x.p ? as_float(x.p + off, count, s.in[1]) : nullptr,
+                                  as_float(x.k + off, count, s.in[2]), rows, d, static_cast<float>(tau),
+                                  static_cast<float>(v_threshold), s, x.h ? x.h + row0 : s.h.data(),
+                                  x.k_words + row0 * Wd, o);
+        store_floats(x.out + off, o, count);
       }
       if (bad) bad_any.store(true, std::memory_order_relaxed);
     });
@@ -182,20 +210,16 @@ std::tuple<at::Tensor, at::Tensor> token_attention_backward(
   auto grad_s = at::empty({T, BH, N}, h.options());
   auto grad_k = at::empty_like(grad_out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "token_attention_backward", [&] {
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const uint64_t* kw = reinterpret_cast<const uint64_t*>(k_words.const_data_ptr<int64_t>());
-    const float* hp = h.const_data_ptr<float>();
-    float* gsp = grad_s.mutable_data_ptr<float>();
-    scalar_t* gkp = grad_k.mutable_data_ptr<scalar_t>();
+    const BackwardData<scalar_t> x(grad_out, k_words, h, grad_s, grad_k);
     for_each_item((R + kTokens - 1) / kTokens, [&] { return Scratch(d); }, [&](Scratch& s, int64_t chunk, int64_t) {
       const int64_t r0 = chunk * kTokens, rows = std::min(kTokens, R - r0);
       std::fill(s.state.begin(), s.state.end(), 0.0f);
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row0 = t * R + r0, off = row0 * d, count = rows * d;
-        float* gk = float_out(gkp + off, count, s.out);
-        token_rows_backward(as_float(gp + off, count, s.in[0]), kw + row0 * Wd, hp + row0, rows, d,
-                            static_cast<float>(tau), static_cast<float>(v_threshold), s, gsp + row0, gk);
-        store_floats(gkp + off, gk, count);
+        float* gk = float_out(x.grad_k + off, count, s.out);
+        token_rows_backward(as_float(x.grad_out + off, count, s.in[0]), x.k_words + row0 * Wd, x.h + row0, rows, d,
+                            static_cast<float>(tau), static_cast<float>(v_threshold), s, x.grad_s + row0, gk);
+        store_floats(x.grad_k + off, gk, count);
       }
     });
   });
@@ -213,12 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
   auto k_words = at::empty({T * BH * d, Wn}, q.options().dtype(at::kLong));  // filled by the kernel, kept if save
   std::atomic<bool> bad_any{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "token_attention_cf_forward", [&] {
-    const scalar_t* qp = q.const_data_ptr<scalar_t>();
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
-    const scalar_t* pp = p ? p->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    float* hp = save ? h.mutable_data_ptr<float>() : nullptr;
-    uint64_t* kw = reinterpret_cast<uint64_t*>(k_words.mutable_data_ptr<int64_t>());
+    const ForwardData<scalar_t> x(q, k, p, out, h, save, k_words);
     for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
       const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
       const int64_t ld = block_stride<scalar_t>(N, L);
@@ -226,13 +245,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
       bool bad = false;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t block = t * BH + bh, off = block * d * N + n0;
-        float* o = block_out(op + off, d, L, s.out);
-        bad |= cf_step_forward(block_as_float(qp + off, d, L, N, s.in[0]),
-                               pp ? block_as_float(pp + off, d, L, N, s.in[1]) : nullptr,
-                               block_as_float(kp + off, d, L, N, s.in[2]), d, ld, L, static_cast<float>(tau),
-                               static_cast<float>(v_threshold), s, hp ? hp + block * N + n0 : s.h,
-                               kw + block * d * Wn + n0 / 64, Wn, o);
-        store_block(op + off, o, d, L, N);
+        float* o = block_out(x.out + off, d, L, s.out);
+        bad |= cf_step_forward(block_as_float(x.q + off, d, L, N, s.in[0]),
+                               x.p ? block_as_float(x.p + off, d, L, N, s.in[1]) : nullptr,
+                               block_as_float(x.k + off, d, L, N, s.in[2]), d, ld, L, static_cast<float>(tau),
+                               static_cast<float>(v_threshold), s, x.h ? x.h + block * N + n0 : s.h,
+                               x.k_words + block * d * Wn + n0 / 64, Wn, o);
+        store_block(x.out + off, o, d, L, N);
       }
       if (bad) bad_any.store(true, std::memory_order_relaxed);
     });
@@ -251,22 +270,18 @@ std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
   auto grad_s = at::empty({T, BH, N}, h.options());
   auto grad_k = at::empty_like(grad_out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "token_attention_cf_backward", [&] {
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const uint64_t* kw = reinterpret_cast<const uint64_t*>(k_words.const_data_ptr<int64_t>());
-    const float* hp = h.const_data_ptr<float>();
-    float* gsp = grad_s.mutable_data_ptr<float>();
-    scalar_t* gkp = grad_k.mutable_data_ptr<scalar_t>();
+    const BackwardData<scalar_t> x(grad_out, k_words, h, grad_s, grad_k);
     for_each_item(BH * chunks, [] { return CfScratch(); }, [&](CfScratch& s, int64_t item, int64_t) {
       const int64_t bh = item / chunks, n0 = (item % chunks) * kCfTokens, L = std::min(kCfTokens, N - n0);
       const int64_t ld = block_stride<scalar_t>(N, L);
       std::fill(s.state, s.state + L, 0.0f);
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t block = t * BH + bh, off = block * d * N + n0;
-        float* gk = block_out(gkp + off, d, L, s.out);
-        cf_step_backward(block_as_float(gp + off, d, L, N, s.in[0]), kw + block * d * Wn + n0 / 64, Wn,
-                         hp + block * N + n0, d, ld, L, static_cast<float>(tau), static_cast<float>(v_threshold), s,
-                         gsp + block * N + n0, gk);
-        store_block(gkp + off, gk, d, L, N);
+        float* gk = block_out(x.grad_k + off, d, L, s.out);
+        cf_step_backward(block_as_float(x.grad_out + off, d, L, N, s.in[0]), x.k_words + block * d * Wn + n0 / 64,
+                         Wn, x.h + block * N + n0, d, ld, L, static_cast<float>(tau), static_cast<float>(v_threshold),
+                         s, x.grad_s + block * N + n0, gk);
+        store_block(x.grad_k + off, gk, d, L, N);
       }
     });
   });
