@@ -47,6 +47,27 @@ def test_settings_reach_the_kernel(backend, scale, v_threshold, tau):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("N,d", [(64, 64), (64, 32), (33, 7)])
+def test_rows_from_empty_to_full_match_reference(backend, N, d):
+    # row n of q, k and v holds about n / N spikes per column: every count of set bits in a
+    # row (0 .. d) and in a column of K (the CPU kernel's sums take the first bits of a word
+    # without branching on them and the rest with, an empty word reading a zero row)
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    rate = (torch.arange(N, dtype=torch.float32) / (N - 1)).view(1, 1, 1, N, 1)
+    tensors = [(torch.rand((2, 1, 2, N, d), generator=g) < rate).float() for _ in range(3)]
+    tensors[1] = tensors[1].flip(-2)  # K's columns: spikes at the other end from Q's and V's
+    grad = torch.randn((2, 1, 2, N, d), generator=g)
+    out, grads = run(lambda q, k, v: spikeops.ssa(q, k, v, scale=0.02, backend=backend),
+                     [t.to(device) for t in tensors], grad.to(device))
+    ref, ref_grads = run(lambda q, k, v: reference.ssa(q, k, v, scale=0.02), tensors, grad)
+    assert torch.equal(out.cpu(), ref)
+    assert 0 < ref.sum() < ref.numel()
+    for g_, rg in zip(grads, ref_grads):
+        assert_grads_close(g_, rg, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_counts_beyond_fp16_exact_integers_stay_exact(backend):
     # all-ones K and V: K^T V entries equal N = 2100 > 2048
     device = device_for(backend)

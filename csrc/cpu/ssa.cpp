@@ -27,6 +27,7 @@
 #include <cmath>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -40,6 +41,14 @@ namespace cpu {
 namespace {
 
 inline int64_t words_for(int64_t bits) { return (bits + 63) / 64; }
+
+// Rows of a table summed over the set bits of a bit row of n bits (sum_rows): n, or 65 when the
+// bits fit one word, the rows from n on being zero: an empty word's lowest bit reads as 64.
+inline int64_t table_rows(int64_t n) { return n > 64 ? n : 65; }
+
+// How many bits sum_rows takes from a one-word bit row without a data-dependent branch: a quarter
+// of the n bits (spike rates of ~25% and below need no other branch).
+inline int64_t unrolled_bits(int64_t n) { return (std::min<int64_t>(n, 64) + 3) / 4; }
 
 // Backward's float rows: d floats zero-padded to whole blocks of kFloatBlock (4 AVX2 vectors).
 constexpr int64_t kFloatBlock = 32;
@@ -117,9 +126,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
           bad |= pack_rows(as_float(inputs[0] + off, N * d, w.q), N, d, bits[0]) |
                   pack_rows(as_float(inputs[1] + off, N * d, w.k), N, d, bits[1]) |
                   pack_rows(as_float(inputs[2] + off, N * d, w.v), N, d, bits[2]);
+#ifndef SKIP_KV
           key_value_counts(bits[1], bits[2], w);
+#endif
+#ifndef SKIP_Y
           attention_neuron_step<false>(bits[0], static_cast<float>(scale), lif, w, next_tile >= 0 ? next : nullptr,
                                        d * static_cast<int64_t>(sizeof(scalar_t)), float_out(op + off, N * d, w.spikes));
+#endif
           store_floats(op + off, w.spikes.data(), N * d);
         }
         if (bad) bad_any.store(true, std::memory_order_relaxed);
@@ -167,6 +180,12 @@ namespace {
 #else
 #define SPIKEOPS_SIMD_CLONES
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SPIKEOPS_SSA_AVX2 1  // the int16-lane sums and neuron below with AVX2 intrinsics, picked at run time
+#else
+#define SPIKEOPS_SSA_AVX2 0
+#endif
 
 // One 32-byte vector of Count lanes (GCC vector extension: one AVX2 register in the x86-64-v3
 // clones, two SSE2 halves otherwise).
@@ -181,19 +200,19 @@ struct Work {
   static constexpr int64_t kCols = kVecs * Lanes<Count>::kWidth;  // columns per block
   // steps: > 0 for backward (H and (K^T V)^T of every step, G, dA, dA^T, dL/dV)
   Work(int64_t N, int64_t d, int64_t steps = 0)
-      : N(N), d(d), blocks((d + kCols - 1) / kCols), vmem(N * d), kcol(d * words_for(N)),
-        vlanes(blocks * N * kCols), kv(blocks * d * kCols), h(steps * N * d), kv_t(steps * d * padded(d)),
+      : N(N), d(d), blocks((d + kCols - 1) / kCols), vl_rows(table_rows(N)), kv_rows(table_rows(d)),
+        vmem(N * d), kcol(d * words_for(N)), vlanes(blocks * vl_rows * kCols), kv(blocks * kv_rows * kCols), h(steps * N * d), kv_t(steps * d * padded(d)),
         g(steps ? N * padded(d) : 0), da(steps ? d * padded(d) : 0), da_t(steps ? d * padded(d) : 0),
         gv(steps ? N * d : 0), qcol(steps ? d * words_for(N) : 0) {
     if (!steps)
       for (auto& p : packed) p.resize(N * words_for(d));
   }
-  int64_t N, d, blocks;
+  int64_t N, d, blocks, vl_rows, kv_rows;  // the tables' rows per block (table_rows)
   std::vector<float> vmem;            // attention neuron potential [N, d]
   std::vector<uint64_t> packed[3];    // q, k, v rows packed along d [N, Wd] (when not saved)
   std::vector<uint64_t> kcol;         // K's columns packed along N [d, WN]
-  std::vector<Count> vlanes;          // V rows as 0/1 lanes [blocks, N, kCols]
-  std::vector<Count> kv;              // K^T V [blocks, d, kCols]
+  std::vector<Count> vlanes;          // V rows as 0/1 lanes [blocks, vl_rows, kCols]
+  std::vector<Count> kv;              // K^T V [blocks, kv_rows, kCols]
   std::vector<float> q, k, v, spikes; // float copies of fp16/bf16/fp64 tiles [N, d]
   // backward; rows of d floats zero-padded to padded(d) where marked *
   std::vector<float> h, kv_t;         // H [T, N, d], (K^T V)^T* [T, d, d]
@@ -260,37 +279,139 @@ typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef int16_t Shorts8 __attribute__((vector_size(16)));
 
-// inv_tau: 1 / tau when that is exact (tau a power of two: then x * inv_tau rounds as x / tau,
-// both being the correctly rounded x 2^-k), else 0 for "divide" (a vector divide costs ~4 adds).
-template <bool kKeepH>
+// lif_row for 8 columns at once, their inputs y already floats; the attention neuron resets to
+// v_reset = 0 (c.v_reset is 0). kMulTau: multiply by 1 / tau instead of dividing by tau, exact
+// when tau is a power of two (x * 2^-k rounds as x / 2^k; a vector divide costs ~4 adds).
+template <bool kKeepH, bool kMulTau>
 inline __attribute__((always_inline)) void lif8(Floats8 y, float scale, LifConsts c, float inv_tau, float* vm,
                                                 float* o) {
   const Floats8 x = y * scale;
   Floats8 v;
   __builtin_memcpy(&v, vm, sizeof(v));
-  const Floats8 charge = x - (v - c.v_reset);
-  const Floats8 h = v + (inv_tau != 0.0f ? charge * inv_tau : charge / c.tau);  // lif_charge<true>
-  const Ints8 fire = (h - c.v_threshold) >= 0.0f;       // lif_fire
+  const Floats8 h = v + (kMulTau ? (x - v) * inv_tau : (x - v) / c.tau);  // lif_charge<true>
+  const Ints8 fire = (h - c.v_threshold) >= 0.0f;                         // lif_fire
   const Floats8 zero = Floats8{}, one = zero + 1.0f;
-  const Floats8 reset = fire ? c.v_reset + 0.0f * h : h;  // lif_reset<true>
+  const Floats8 reset = fire ? 0.0f + 0.0f * h : h;  // lif_reset<true>
   const Floats8 spikes = fire ? one : zero;
   __builtin_memcpy(vm, &reset, sizeof(reset));
   __builtin_memcpy(o, kKeepH ? &h : &spikes, sizeof(spikes));
 }
 
 // lif_row for the kWidth columns whose inputs are the Count lanes y.
-template <bool kKeepH, typename Count>
+template <bool kKeepH, bool kMulTau, typename Count>
 inline __attribute__((always_inline)) void lif_lanes(typename Lanes<Count>::Vec y, float scale, LifConsts c,
                                                      float inv_tau, float* vm, float* o) {
   if constexpr (sizeof(Count) == 2) {  // 16 int16 lanes: two halves of 8
     Shorts8 half[2];
     __builtin_memcpy(half, &y, sizeof(half));
-    lif8<kKeepH>(__builtin_convertvector(half[0], Floats8), scale, c, inv_tau, vm, o);
-    lif8<kKeepH>(__builtin_convertvector(half[1], Floats8), scale, c, inv_tau, vm + 8, o + 8);
+    lif8<kKeepH, kMulTau>(__builtin_convertvector(half[0], Floats8), scale, c, inv_tau, vm, o);
+    lif8<kKeepH, kMulTau>(__builtin_convertvector(half[1], Floats8), scale, c, inv_tau, vm + 8, o + 8);
   } else {
-    lif8<kKeepH>(__builtin_convertvector(y, Floats8), scale, c, inv_tau, vm, o);
+    lif8<kKeepH, kMulTau>(__builtin_convertvector(y, Floats8), scale, c, inv_tau, vm, o);
   }
 }
+
+#if SPIKEOPS_SSA_AVX2
+// The sums and the neuron for int16 lanes with AVX2 intrinsics (the generic code above, compiled
+// for AVX2, keeps the counts on the stack and converts them in 128-bit halves): same arithmetic,
+// same order, so the same counts, spikes and H.
+inline bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi");
+  return ok;
+}
+
+// sum_rows for int16 lanes. One word (rows then has table_rows rows): its lowest `unrolled` bits
+// are taken in a counted loop, an empty word's lowest bit (tzcnt 64) adding the zero row 64, and
+// only further bits branch on the data: the exit of a loop over the set bits is mispredicted on
+// most rows, this loop's on few.
+template <int kVecs>
+__attribute__((target("avx2,bmi"), always_inline)) inline void sum_lanes_avx2(const uint64_t* bits, int64_t W,
+                                                                              int64_t unrolled, const int16_t* rows,
+                                                                              __m256i* acc) {
+  constexpr int64_t kCols = 16 * kVecs;
+  auto add = [acc](const int16_t* row) __attribute__((target("avx2"), always_inline)) {
+    for (int i = 0; i < kVecs; ++i)
+      acc[i] = _mm256_add_epi16(acc[i], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * i)));
+  };
+  for (int i = 0; i < kVecs; ++i) acc[i] = _mm256_setzero_si256();
+  if (W == 1) {
+    uint64_t m = bits[0];
+    for (int64_t r = 0; r < unrolled; ++r, m = _blsr_u64(m)) add(rows + _tzcnt_u64(m) * kCols);
+    for (; m; m &= m - 1) add(rows + __builtin_ctzll(m) * kCols);
+  } else {
+    for (int64_t word = 0; word < W; ++word)
+      for (uint64_t m = bits[word]; m; m &= m - 1) add(rows + (word * 64 + __builtin_ctzll(m)) * kCols);
+  }
+}
+
+// The sums of key_value_counts (after the V lanes and K's columns).
+template <int kVecs>
+__attribute__((target("avx2,bmi"))) void key_value_sums_avx2(Work<int16_t, kVecs>& w) {
+  constexpr int64_t kCols = Work<int16_t, kVecs>::kCols;
+  const int64_t d = w.d, WN = words_for(w.N), unrolled = unrolled_bits(w.N);
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    for (int64_t ch = 0; ch < d; ++ch) {
+      __m256i acc[kVecs];
+      sum_lanes_avx2<kVecs>(w.kcol.data() + ch * WN, WN, unrolled, w.vlanes.data() + b * w.vl_rows * kCols, acc);
+      for (int i = 0; i < kVecs; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.kv.data() + (b * w.kv_rows + ch) * kCols + 16 * i), acc[i]);
+    }
+  }
+}
+
+// The neuron for 8 columns, as lif8.
+template <bool kKeepH, bool kMulTau>
+__attribute__((target("avx2"), always_inline)) inline void lif8_avx2(__m256 y, __m256 scale, __m256 tau,
+                                                                      __m256 inv_tau, __m256 v_threshold,
+                                                                      float* vm, float* o) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 v = _mm256_loadu_ps(vm);
+  const __m256 charge = _mm256_sub_ps(_mm256_mul_ps(y, scale), v);
+  const __m256 h = _mm256_add_ps(v, kMulTau ? _mm256_mul_ps(charge, inv_tau) : _mm256_div_ps(charge, tau));
+  const __m256 fire = _mm256_cmp_ps(_mm256_sub_ps(h, v_threshold), zero, _CMP_GE_OQ);
+  const __m256 reset = _mm256_add_ps(zero, _mm256_mul_ps(zero, h));  // 0 + 0 * H
+  _mm256_storeu_ps(vm, _mm256_blendv_ps(h, reset, fire));
+  _mm256_storeu_ps(o, kKeepH ? h : _mm256_and_ps(fire, _mm256_set1_ps(1.0f)));
+}
+
+template <bool kKeepH, bool kMulTau, int kVecs>
+__attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64_t* qb, float scale, LifConsts c,
+                                                                     float inv_tau, Work<int16_t, kVecs>& w,
+                                                                     const char* const* next, int64_t row_bytes,
+                                                                     float* out) {
+  constexpr int64_t kCols = Work<int16_t, kVecs>::kCols;
+  const int64_t N = w.N, d = w.d, Wd = words_for(d), unrolled = unrolled_bits(d);
+  const __m256 scale8 = _mm256_set1_ps(scale), tau8 = _mm256_set1_ps(c.tau), inv_tau8 = _mm256_set1_ps(inv_tau),
+               threshold8 = _mm256_set1_ps(c.v_threshold);
+  for (int64_t n = 0; n < N; ++n) {
+    if (next) {
+      for (int i = 0; i < 3; ++i)
+        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next[i] + n * row_bytes + off, 0, 1);
+    }
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      __m256i acc[kVecs];
+      sum_lanes_avx2<kVecs>(qb + n * Wd, Wd, unrolled, w.kv.data() + b * w.kv_rows * kCols, acc);
+      for (int i = 0; i < kVecs; ++i) {  // y is exact below 2^24, as the reference's fp32 products
+        const int64_t j = b * kCols + 16 * i;
+        float* vm = w.vmem.data() + n * d + j;
+        float* o = out + n * d + j;
+        if (j + 16 <= d) {
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[i])));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[i], 1)));
+          lif8_avx2<kKeepH, kMulTau>(lo, scale8, tau8, inv_tau8, threshold8, vm, o);
+          lif8_avx2<kKeepH, kMulTau>(hi, scale8, tau8, inv_tau8, threshold8, vm + 8, o + 8);
+        } else if (j < d) {  // the last columns, when 16 does not divide d
+          int16_t counts[16];
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(counts), acc[i]);
+          float y[16];
+          for (int64_t l = 0; l < 16; ++l) y[l] = static_cast<float>(counts[l]);
+          lif_row<kKeepH>(y, d - j, scale, c, vm, o);
+        }
+      }
+    }
+  }
+}
+#endif
 
 // cols [d, ceil(N / 64)]: the columns of the 0/1 matrix whose rows [N, ceil(d / 64)] are packed
 // in rows, packed along N (64 x 64 bit transposes).
@@ -320,29 +441,33 @@ void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>
         const int64_t j = b * kCols + i * kWidth;  // kWidth divides 64: the chunk is in one word
         const Count chunk = j < d ? static_cast<Count>(vb[m * Wd + j / 64] >> (j % 64)) : 0;
         const Vec lanes = -(((Vec{} + chunk) & lane_bit) != 0);
-        __builtin_memcpy(w.vlanes.data() + (b * N + m) * kCols + i * kWidth, &lanes, sizeof(lanes));
+        __builtin_memcpy(w.vlanes.data() + (b * w.vl_rows + m) * kCols + i * kWidth, &lanes, sizeof(lanes));
       }
     }
   }
   columns(kb, N, d, w.kcol.data());
+#if SPIKEOPS_SSA_AVX2
+  if constexpr (std::is_same_v<Count, int16_t>) {
+    if (use_avx2()) return key_value_sums_avx2(w);
+  }
+#endif
   for (int64_t b = 0; b < w.blocks; ++b) {
     for (int64_t ch = 0; ch < d; ++ch) {
       Vec acc[kVecs];
-      sum_rows<kVecs>(w.kcol.data() + ch * WN, WN, w.vlanes.data() + b * N * kCols, acc);
-      __builtin_memcpy(w.kv.data() + (b * d + ch) * kCols, acc, sizeof(acc));
+      sum_rows<kVecs>(w.kcol.data() + ch * WN, WN, w.vlanes.data() + b * w.vl_rows * kCols, acc);
+      __builtin_memcpy(w.kv.data() + (b * w.kv_rows + ch) * kCols, acc, sizeof(acc));
     }
   }
 }
 
-template <bool kKeepH, typename Count, int kVecs>
+// attention_neuron_step with the choice of 1 / tau made (see lif8).
+template <bool kKeepH, bool kMulTau, typename Count, int kVecs>
 SPIKEOPS_SIMD_CLONES
-void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Count, kVecs>& w,
+void attention_neuron_rows(const uint64_t* qb, float scale, LifConsts c, float inv_tau, Work<Count, kVecs>& w,
                            const char* const* next, int64_t row_bytes, float* out) {
   using Vec = typename Lanes<Count>::Vec;
   constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d);
-  int exponent;
-  const float inv_tau = std::frexp(c.tau, &exponent) == 0.5f ? 1.0f / c.tau : 0.0f;
   for (int64_t n = 0; n < N; ++n) {
     if (next) {
       for (int i = 0; i < 3; ++i)
@@ -350,11 +475,11 @@ void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Co
     }
     for (int64_t b = 0; b < w.blocks; ++b) {
       Vec acc[kVecs];
-      sum_rows<kVecs>(qb + n * Wd, Wd, w.kv.data() + b * d * kCols, acc);
+      sum_rows<kVecs>(qb + n * Wd, Wd, w.kv.data() + b * w.kv_rows * kCols, acc);
       for (int i = 0; i < kVecs; ++i) {  // y is exact below 2^24, as the reference's fp32 products
         const int64_t j = b * kCols + i * kWidth;
         if (j + kWidth <= d) {
-          lif_lanes<kKeepH, Count>(acc[i], scale, c, inv_tau, w.vmem.data() + n * d + j, out + n * d + j);
+          lif_lanes<kKeepH, kMulTau, Count>(acc[i], scale, c, inv_tau, w.vmem.data() + n * d + j, out + n * d + j);
         } else if (j < d) {  // the last columns, when kWidth does not divide d
           float y[kWidth];
           for (int64_t l = 0; l < kWidth; ++l) y[l] = static_cast<float>(acc[i][l]);
@@ -363,6 +488,25 @@ void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Co
       }
     }
   }
+}
+
+template <bool kKeepH, typename Count, int kVecs>
+void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Count, kVecs>& w,
+                           const char* const* next, int64_t row_bytes, float* out) {
+  int exponent;
+  const bool mul_tau = std::frexp(c.tau, &exponent) == 0.5f;  // tau a power of two
+  const float inv_tau = mul_tau ? 1.0f / c.tau : 0.0f;
+#if SPIKEOPS_SSA_AVX2
+  if constexpr (std::is_same_v<Count, int16_t>) {
+    if (use_avx2()) {
+      if (mul_tau) attention_neuron_rows_avx2<kKeepH, true>(qb, scale, c, inv_tau, w, next, row_bytes, out);
+      else attention_neuron_rows_avx2<kKeepH, false>(qb, scale, c, inv_tau, w, next, row_bytes, out);
+      return;
+    }
+  }
+#endif
+  if (mul_tau) attention_neuron_rows<kKeepH, true>(qb, scale, c, inv_tau, w, next, row_bytes, out);
+  else attention_neuron_rows<kKeepH, false>(qb, scale, c, inv_tau, w, next, row_bytes, out);
 }
 
 // out[0, n) = acc[0, n) for the first min(n, kFloatBlock) columns (a copy of constant size on the
@@ -407,7 +551,7 @@ void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_word
     key_value_counts(bits[1] + ws, bits[2] + ws, w);
     float* kv_t = w.kv_t.data() + t * d * ld;
     for (int64_t ch = 0; ch < d; ++ch)
-      for (int64_t j = 0; j < d; ++j) kv_t[j * ld + ch] = static_cast<float>(w.kv[((j / kCols) * d + ch) * kCols + j % kCols]);
+      for (int64_t j = 0; j < d; ++j) kv_t[j * ld + ch] = static_cast<float>(w.kv[((j / kCols) * w.kv_rows + ch) * kCols + j % kCols]);
     attention_neuron_step<true>(bits[0] + ws, scale, c, w, nullptr, 0, w.h.data() + t * N * d);
   }
   float *g = w.g.data(), *gv = w.gv.data(), *da = w.da.data(), *da_t = w.da_t.data();
