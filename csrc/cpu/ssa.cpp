@@ -11,7 +11,8 @@
 //      row c of K^T V = the sum of the V rows (as 0/1 lanes) over the spikes of K's column c;
 //   3. forms Y[n] = the sum of the K^T V rows over the spikes of Q[n], and steps the neuron.
 // The sums are exact integer lanes, int16 when every count fits (N d <= 32767: K^T V <= N,
-// Y <= d N), else int32, accumulated in registers over blocks of up to 4 vectors of columns.
+// Y <= d N), else int32, accumulated in registers over blocks of up to 4 vectors of columns (int16
+// lanes: AVX2 intrinsics where the CPU has AVX2, picked at run time; else GCC vector code).
 // While step 3 runs, the next step's q, k, v rows are prefetched (reading them bounds the op).
 //
 // Backward (ssa_backward), from the packed q, k, v that forward saved and dL/dS, per (batch, head):
@@ -42,11 +43,11 @@ namespace {
 
 inline int64_t words_for(int64_t bits) { return (bits + 63) / 64; }
 
-// Rows of a table summed over the set bits of a bit row of n bits (sum_rows): n, or 65 when the
+// Rows of a table summed over the set bits of a bit row of n bits (sum_lanes_avx2): n, or 65 when the
 // bits fit one word, the rows from n on being zero: an empty word's lowest bit reads as 64.
 inline int64_t table_rows(int64_t n) { return n > 64 ? n : 65; }
 
-// How many bits sum_rows takes from a one-word bit row without a data-dependent branch: a quarter
+// How many bits sum_lanes_avx2 takes from a one-word bit row without a data-dependent branch: a quarter
 // of the n bits (spike rates of ~25% and below need no other branch).
 inline int64_t unrolled_bits(int64_t n) { return (std::min<int64_t>(n, 64) + 3) / 4; }
 
