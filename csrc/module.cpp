@@ -2,6 +2,7 @@
 // torch.library registration live in spikeops/ops/; this module only exposes raw kernels.
 #include <torch/extension.h>
 
+#include "cpu/cpu_features.h"
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,4 +25,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_scatter", &spikeops::cpu::masked_scatter, "scatter [nb, C, bh, bw] blocks into a zero [N, C, H, W]");
   m.def("masked_conv2d_forward", &spikeops::cpu::masked_conv2d_forward, "conv2d on the visible output blocks");
   m.def("masked_conv2d_backward", &spikeops::cpu::masked_conv2d_backward, "masked conv2d backward");
+  m.def("avx2_enabled", [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return spikeops::cpu::avx2_enabled();
+#else
+    return false;
+#endif
+  }, "whether the kernels take their AVX2 paths (cpu_features.h)");
 }

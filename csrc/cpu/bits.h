@@ -1,9 +1,12 @@
 // Packing 0/1 floats into 64-bit words, shared by pack.cpp, ssa.cpp and token_attention.cpp:
 // compare + movemask, eight values at a time with AVX2 where the CPU has it (checked at run
-// time), else four with SSE2 (baseline x86-64), with a scalar tail (and a scalar path off x86).
+// time, cpu_features.h), else four with SSE2 (baseline x86-64), with a scalar tail (and a scalar
+// path off x86).
 #pragma once
 #include <algorithm>
 #include <cstdint>
+
+#include "cpu_features.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -74,8 +77,7 @@ __attribute__((target("avx2"))) inline bool pack_bits_avx2(const float* x, int64
 }
 
 inline bool pack_bits(const float* x, int64_t n, uint64_t* words) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  return avx2 ? pack_bits_avx2(x, n, words) : pack_bits_sse2(x, n, words);
+  return avx2_enabled() ? pack_bits_avx2(x, n, words) : pack_bits_sse2(x, n, words);
 }
 
 // pack_rows with AVX2: 32 compares at a time become 32 bits through two saturating packs, one
@@ -123,8 +125,7 @@ __attribute__((target("avx2"))) inline bool pack_rows_avx2(const float* x, int64
 }
 
 inline bool pack_rows(const float* x, int64_t rows, int64_t n, uint64_t* words) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  return avx2 ? pack_rows_avx2(x, rows, n, words) : pack_rows_sse2(x, rows, n, words);
+  return avx2_enabled() ? pack_rows_avx2(x, rows, n, words) : pack_rows_sse2(x, rows, n, words);
 }
 #else
 inline bool pack_bits(const float* x, int64_t n, uint64_t* words) { return pack_bits_sse2(x, n, words); }

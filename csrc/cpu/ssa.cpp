@@ -33,6 +33,7 @@
 
 #include "../ops.h"
 #include "bits.h"
+#include "cpu_features.h"
 #include "dynamic_for.h"
 #include "float_staging.h"
 #include "lif_math.h"
@@ -127,13 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
           bad |= pack_rows(as_float(inputs[0] + off, N * d, w.q), N, d, bits[0]) |
                   pack_rows(as_float(inputs[1] + off, N * d, w.k), N, d, bits[1]) |
                   pack_rows(as_float(inputs[2] + off, N * d, w.v), N, d, bits[2]);
-#ifndef SKIP_KV
           key_value_counts(bits[1], bits[2], w);
-#endif
-#ifndef SKIP_Y
           attention_neuron_step<false>(bits[0], static_cast<float>(scale), lif, w, next_tile >= 0 ? next : nullptr,
                                        d * static_cast<int64_t>(sizeof(scalar_t)), float_out(op + off, N * d, w.spikes));
-#endif
           store_floats(op + off, w.spikes.data(), N * d);
         }
         if (bad) bad_any.store(true, std::memory_order_relaxed);
@@ -313,13 +310,9 @@ inline __attribute__((always_inline)) void lif_lanes(typename Lanes<Count>::Vec 
 }
 
 #if SPIKEOPS_SSA_AVX2
-// The sums and the neuron for int16 lanes with AVX2 intrinsics (the generic code above, compiled
-// for AVX2, keeps the counts on the stack and converts them in 128-bit halves): same arithmetic,
-// same order, so the same counts, spikes and H.
-inline bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi");
-  return ok;
-}
+// The sums and the neuron for int16 lanes with AVX2 intrinsics, taken where avx2_enabled() (the
+// generic code above, compiled for AVX2, keeps the counts on the stack and converts them in 128-bit
+// halves): same arithmetic, same order, so the same counts, spikes and H.
 
 // sum_rows for int16 lanes. One word (rows then has table_rows rows): its lowest `unrolled` bits
 // are taken in a counted loop, an empty word's lowest bit (tzcnt 64) adding the zero row 64, and
@@ -449,7 +442,7 @@ void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>
   columns(kb, N, d, w.kcol.data());
 #if SPIKEOPS_SSA_AVX2
   if constexpr (std::is_same_v<Count, int16_t>) {
-    if (use_avx2()) return key_value_sums_avx2(w);
+    if (avx2_enabled()) return key_value_sums_avx2(w);
   }
 #endif
   for (int64_t b = 0; b < w.blocks; ++b) {
@@ -499,7 +492,7 @@ void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Co
   const float inv_tau = mul_tau ? 1.0f / c.tau : 0.0f;
 #if SPIKEOPS_SSA_AVX2
   if constexpr (std::is_same_v<Count, int16_t>) {
-    if (use_avx2()) {
+    if (avx2_enabled()) {
       if (mul_tau) attention_neuron_rows_avx2<kKeepH, true>(qb, scale, c, inv_tau, w, next, row_bytes, out);
       else attention_neuron_rows_avx2<kKeepH, false>(qb, scale, c, inv_tau, w, next, row_bytes, out);
       return;
