@@ -1,7 +1,8 @@
-// Whether the CPU kernels take their AVX2 paths (bits.h, ssa.cpp), decided once per process: where
-// the CPU has AVX2 and BMI1, unless the environment variable SPIKEOPS_NO_AVX2 is set to anything but
-// "" or "0" when the extension first asks; the tests set it to run the baseline paths on an AVX2
-// machine (tests/test_simd_paths.py).
+// Whether the CPU kernels take their hand-written AVX2 paths (bits.h, ssa.cpp), decided once per
+// process: where the CPU has AVX2 and BMI1, unless the environment variable SPIKEOPS_NO_AVX2 is set
+// to anything but "" or "0" when the extension first asks; the tests set it to run the portable
+// paths on an AVX2 machine (tests/test_simd_paths.py). (Functions compiled with target_clones pick
+// their clone by the CPU alone.)
 #pragma once
 #include <cstdlib>
 #include <cstring>
