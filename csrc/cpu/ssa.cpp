@@ -199,7 +199,8 @@ struct Work {
   // steps: > 0 for backward (H and (K^T V)^T of every step, G, dA, dA^T, dL/dV)
   Work(int64_t N, int64_t d, int64_t steps = 0)
       : N(N), d(d), blocks((d + kCols - 1) / kCols), vl_rows(table_rows(N)), kv_rows(table_rows(d)),
-        vmem(N * d), kcol(d * words_for(N)), vlanes(blocks * vl_rows * kCols), kv(blocks * kv_rows * kCols), h(steps * N * d), kv_t(steps * d * padded(d)),
+        vmem(N * d), kcol(d * words_for(N)), vlanes(blocks * vl_rows * kCols), kv(blocks * kv_rows * kCols),
+        h(steps * N * d), kv_t(steps * d * padded(d)),
         g(steps ? N * padded(d) : 0), da(steps ? d * padded(d) : 0), da_t(steps ? d * padded(d) : 0),
         gv(steps ? N * d : 0), qcol(steps ? d * words_for(N) : 0) {
     if (!steps)
