@@ -278,6 +278,14 @@ typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef int16_t Shorts8 __attribute__((vector_size(16)));
 
+// Prefetches row n of the next step's q, k, v (next[3], rows of row_bytes) into L2; nothing for
+// next = nullptr (the last step, or backward).
+inline __attribute__((always_inline)) void prefetch_rows(const char* const* next, int64_t n, int64_t row_bytes) {
+  if (!next) return;
+  for (int i = 0; i < 3; ++i)
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next[i] + n * row_bytes + off, 0, 1);
+}
+
 // lif_row for 8 columns at once, their inputs y already floats; the attention neuron resets to
 // v_reset = 0 (c.v_reset is 0). kMulTau: multiply by 1 / tau instead of dividing by tau, exact
 // when tau is a power of two (x * 2^-k rounds as x / 2^k; a vector divide costs ~4 adds).
@@ -311,9 +319,9 @@ inline __attribute__((always_inline)) void lif_lanes(typename Lanes<Count>::Vec 
 }
 
 #if SPIKEOPS_SSA_AVX2
-// The sums and the neuron for int16 lanes with AVX2 intrinsics, taken where avx2_enabled() (the
-// generic code above, compiled for AVX2, keeps the counts on the stack and converts them in 128-bit
-// halves): same arithmetic, same order, so the same counts, spikes and H.
+// The sums for int16 lanes with AVX2 intrinsics, and their conversion to the floats lif8 takes,
+// taken where avx2_enabled() (the generic code above, compiled for AVX2, keeps the counts on the
+// stack and converts them in 128-bit halves): the same counts, spikes and H.
 
 // sum_rows for int16 lanes. One word (rows then has table_rows rows): its lowest `unrolled` bits
 // are taken in a counted loop, an empty word's lowest bit (tzcnt 64) adding the zero row 64, and
@@ -354,21 +362,6 @@ __attribute__((target("avx2,bmi"))) void key_value_sums_avx2(Work<int16_t, kVecs
   }
 }
 
-// The neuron for 8 columns, as lif8.
-template <bool kKeepH, bool kMulTau>
-__attribute__((target("avx2"), always_inline)) inline void lif8_avx2(__m256 y, __m256 scale, __m256 tau,
-                                                                      __m256 inv_tau, __m256 v_threshold,
-                                                                      float* vm, float* o) {
-  const __m256 zero = _mm256_setzero_ps();
-  const __m256 v = _mm256_loadu_ps(vm);
-  const __m256 charge = _mm256_sub_ps(_mm256_mul_ps(y, scale), v);
-  const __m256 h = _mm256_add_ps(v, kMulTau ? _mm256_mul_ps(charge, inv_tau) : _mm256_div_ps(charge, tau));
-  const __m256 fire = _mm256_cmp_ps(_mm256_sub_ps(h, v_threshold), zero, _CMP_GE_OQ);
-  const __m256 reset = _mm256_add_ps(zero, _mm256_mul_ps(zero, h));  // 0 + 0 * H
-  _mm256_storeu_ps(vm, _mm256_blendv_ps(h, reset, fire));
-  _mm256_storeu_ps(o, kKeepH ? h : _mm256_and_ps(fire, _mm256_set1_ps(1.0f)));
-}
-
 template <bool kKeepH, bool kMulTau, int kVecs>
 __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64_t* qb, float scale, LifConsts c,
                                                                      float inv_tau, Work<int16_t, kVecs>& w,
@@ -376,13 +369,8 @@ __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64
                                                                      float* out) {
   constexpr int64_t kCols = Work<int16_t, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d), unrolled = unrolled_bits(d);
-  const __m256 scale8 = _mm256_set1_ps(scale), tau8 = _mm256_set1_ps(c.tau), inv_tau8 = _mm256_set1_ps(inv_tau),
-               threshold8 = _mm256_set1_ps(c.v_threshold);
   for (int64_t n = 0; n < N; ++n) {
-    if (next) {
-      for (int i = 0; i < 3; ++i)
-        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next[i] + n * row_bytes + off, 0, 1);
-    }
+    prefetch_rows(next, n, row_bytes);
     for (int64_t b = 0; b < w.blocks; ++b) {
       __m256i acc[kVecs];
       sum_lanes_avx2<kVecs>(qb + n * Wd, Wd, unrolled, w.kv.data() + b * w.kv_rows * kCols, acc);
@@ -393,8 +381,8 @@ __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64
         if (j + 16 <= d) {
           const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[i])));
           const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[i], 1)));
-          lif8_avx2<kKeepH, kMulTau>(lo, scale8, tau8, inv_tau8, threshold8, vm, o);
-          lif8_avx2<kKeepH, kMulTau>(hi, scale8, tau8, inv_tau8, threshold8, vm + 8, o + 8);
+          lif8<kKeepH, kMulTau>(lo, scale, c, inv_tau, vm, o);
+          lif8<kKeepH, kMulTau>(hi, scale, c, inv_tau, vm + 8, o + 8);
         } else if (j < d) {  // the last columns, when 16 does not divide d
           int16_t counts[16];
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(counts), acc[i]);
@@ -464,10 +452,7 @@ void attention_neuron_rows(const uint64_t* qb, float scale, LifConsts c, float i
   constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d);
   for (int64_t n = 0; n < N; ++n) {
-    if (next) {
-      for (int i = 0; i < 3; ++i)
-        for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next[i] + n * row_bytes + off, 0, 1);
-    }
+    prefetch_rows(next, n, row_bytes);
     for (int64_t b = 0; b < w.blocks; ++b) {
       Vec acc[kVecs];
       sum_rows<kVecs>(qb + n * Wd, Wd, w.kv.data() + b * w.kv_rows * kCols, acc);
