@@ -3,11 +3,12 @@
 #
 #   bash bench/gpu_check.sh            (OUT=dir for logs and results; default /tmp/spikeops_gpu)
 #
-# Uses the machine's own python3/torch/triton and the source tree as is (no build: the C++
-# kernels are for CPU tensors and are tested on CPU). SpikingJelly and loguru, when not installed
+# Uses the machine's own python3/torch/triton and the source tree as is (no build by default: the
+# C++ kernels are for CPU tensors and are tested on CPU; CPP_S=SECONDS builds them there with its
+# torch and runs the C++ tests on its CPU, another x86-64 model than the CI machine's). SpikingJelly and loguru, when not installed
 # there, are read from .gpu/site (copy them there from a venv; .gpu/ is git-ignored locally and
 # carried to the device). Each step has its own time limit (seconds, overridable: TEST_S, BENCH_S;
-# BENCH_S="" runs no bench) so that one slow or failing step leaves the others their time;
+# TEST_S="" runs no Triton tests, BENCH_S="" no bench) so that one slow or failing step leaves the others their time;
 # everything is logged under $OUT, and bench/results/ is archived there as results.tgz.
 # BENCH_S may also name inference (bench_inference). AMP_S="bf16:150" (default none) adds the
 # training step under autocast (bench_train_step --amp bf16, all CUDA cases).
@@ -17,10 +18,11 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # spikeops.models is the top-level models/ folder (setup.py's package_dir): link it for the bare tree
 [ -e spikeops/models ] || ln -s ../models spikeops/models
-TEST_S=${TEST_S:-130}
+TEST_S=${TEST_S-130}
 BENCH_S=${BENCH_S-"ssa:60 token_attention:60 train_step:150 lif:35 masked_conv:45"}
 REPEATS=${REPEATS:-20}
 AMP_S=${AMP_S-""}
+CPP_S=${CPP_S-""}
 
 {
   date -u
@@ -33,9 +35,21 @@ AMP_S=${AMP_S-""}
 # Every test parametrised with the Triton backend runs on CUDA tensors here (tests/harness.py).
 XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n 12"
-timeout -s INT -k 15 "$TEST_S" python3 -m pytest -q -rfE --tb=short -k triton $XDIST -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
-echo "tests: exit $? (124 = interrupted at ${TEST_S}s)" | tee -a "$OUT/env.txt"
-tail -n 25 "$OUT/tests.log"
+if [ -n "$TEST_S" ]; then
+  timeout -s INT -k 15 "$TEST_S" python3 -m pytest -q -rfE --tb=short -k triton $XDIST -p no:cacheprovider tests >"$OUT/tests.log" 2>&1
+  echo "tests: exit $? (124 = interrupted at ${TEST_S}s)" | tee -a "$OUT/env.txt"
+  tail -n 25 "$OUT/tests.log"
+fi
+
+if [ -n "$CPP_S" ]; then
+  export SPIKEOPS_XDIST=$XDIST SPIKEOPS_OUT=$OUT
+  timeout -s INT -k 15 "$CPP_S" bash -c 'grep -m1 "model name" /proc/cpuinfo; grep -o -w "avx2\|avx512f\|bmi1" /proc/cpuinfo | sort -u | tr "\n" " "; echo
+    MAX_JOBS=16 python3 setup.py build_ext --inplace >"$SPIKEOPS_OUT/cpp_build.log" 2>&1 || { tail -n 30 "$SPIKEOPS_OUT/cpp_build.log"; exit 3; }
+    python3 -c "import spikeops._C as C; print(\"cpp built; avx2 path:\", C.avx2_enabled())"
+    python3 -m pytest -q -rfE --tb=short -k "cpp or simd_paths" $SPIKEOPS_XDIST -p no:cacheprovider tests/test_pack.py tests/test_spike_matmul.py tests/test_ssa.py tests/test_token_attention.py tests/test_lif.py tests/test_spike_layers.py tests/test_simd_paths.py >"$SPIKEOPS_OUT/cpp_tests.log" 2>&1' 2>&1 | tee -a "$OUT/env.txt"
+  echo "cpp build + tests: exit ${PIPESTATUS[0]} (124 = interrupted at ${CPP_S}s)" | tee -a "$OUT/env.txt"
+  tail -n 15 "$OUT/cpp_tests.log" 2>/dev/null
+fi
 
 # bench_step LABEL LIMIT_S COMMAND...: one benchmark under its own time limit, logged
 bench_step() {
@@ -53,4 +67,4 @@ for spec in $AMP_S; do
     python3 -m bench.bench_train_step --device cuda --amp "${spec%%:*}" --repeats "$REPEATS"
 done
 tar czf "$OUT/results.tgz" bench/results 2>/dev/null
-grep -v "^ *[a-z_]*: .* on cuda \.\.\.$" "$OUT/bench.log" | tail -n 60
+[ -f "$OUT/bench.log" ] && grep -v "^ *[a-z_]*: .* on cuda \.\.\.$" "$OUT/bench.log" | tail -n 60

@@ -6,7 +6,8 @@ Every op in spikeops has up to three implementations that must agree:
 backend   what runs                                    when ``backend="auto"`` picks it
 ========  ==========================================  =====================================
 torch     :mod:`spikeops.reference` (plain PyTorch,   float64 inputs; devices or ops with no
-          autograd through the loop; ground truth)     kernel; a missing build
+          autograd through the loop; ground truth)     kernel; a missing build; on CUDA,
+                                                       the ops in ``TORCH_ON_CUDA``
 cpp       C++ kernels in ``spikeops._C`` (OpenMP,      CPU tensors (fp32 / fp16 / bf16)
           SIMD picked at run time)
 triton    Triton kernels in :mod:`spikeops.triton`     CUDA tensors (fp32 / fp16 / bf16)
@@ -51,8 +52,19 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET)
 
 
-def resolve(tensor: torch.Tensor, backend: str = "auto") -> str:
+# Ops whose Triton kernels are slower on CUDA than the torch path they would replace, measured
+# (BENCHMARKS.md, "GPU"): ``backend="auto"`` runs torch's path for them on CUDA tensors, and
+# ``backend="triton"`` still runs the kernels. masked_conv2d: the implicit-GEMM kernels over the
+# visible pixels took 2.8x the time of cuDNN's dense convolution followed by the mask
+# (fwd+bwd, 12 SCS stem layers, batch 8, mask ratio 0.75, H100, TF32 on both); masked_batch_norm2d:
+# the Triton block gather/scatter around torch's BatchNorm took 1.3x the time of the reference's
+# boolean-index gather (5 stem shapes, batch 8, mask ratio 0.75, H100).
+TORCH_ON_CUDA = frozenset({"masked_conv2d", "masked_batch_norm2d"})
+
+
+def resolve(tensor: torch.Tensor, backend: str = "auto", op: str = "") -> str:
     """Return the backend (``"cpp"``, ``"triton"`` or ``"torch"``) that runs an op on ``tensor``.
+    ``op`` names the op for the ops in ``TORCH_ON_CUDA``, which ``"auto"`` runs with torch on CUDA.
 
     Raises ``ValueError`` for an unknown backend or one that cannot run on ``tensor``'s device,
     ``TypeError`` for a dtype the forced backend has no kernel for, ``RuntimeError`` when the
@@ -65,7 +77,7 @@ def resolve(tensor: torch.Tensor, backend: str = "auto") -> str:
         if dtype not in KERNEL_DTYPES:
             return "torch"
         if device.type == "cuda":
-            return "triton" if TRITON_INSTALLED else "torch"
+            return "triton" if TRITON_INSTALLED and op not in TORCH_ON_CUDA else "torch"
         if device.type == "cpu":
             return "cpp" if cpp_available() else "torch"
         return "torch"

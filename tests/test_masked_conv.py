@@ -200,3 +200,21 @@ def test_ops_pass_opcheck(backend):
     x, w, b, m, s, p = make_inputs(CONFIGS["3x3_p1_blocks4"], device)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), m[:, 0].contiguous(), [s, s], [p, p], backend)
     torch.library.opcheck(torch.ops.spikeops.masked_conv2d_forward.default, args)
+
+
+def test_auto_runs_the_torch_path_of_the_masked_ops_on_cuda_and_triton_stays_selectable():
+    # on CUDA the torch paths (cuDNN's dense conv; the reference masked BatchNorm) beat the Triton
+    # kernels (BENCHMARKS.md), so "auto" picks them there for these ops only; resolve reads just
+    # the device and dtype
+    from types import SimpleNamespace
+
+    from spikeops import backend
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    assert backend.resolve(cuda, "auto", op="masked_conv2d") == "torch"
+    assert backend.resolve(cuda, "auto", op="masked_batch_norm2d") == "torch"
+    if backend.TRITON_INSTALLED:
+        assert backend.resolve(cuda, "auto") == "triton"
+        assert backend.resolve(cuda, "triton", op="masked_conv2d") == "triton"
+    cpu = torch.zeros(1)
+    assert backend.resolve(cpu, "auto", op="masked_conv2d") == ("cpp" if backend.cpp_available() else "torch")

@@ -29,7 +29,8 @@ normalised. On the gathered blocks, an ordinary (channels-last) batch,
 torch's own BatchNorm kernels do the rest (``native_batch_norm`` / ``native_batch_norm_backward``,
 statistics in fp32 also for fp16/bf16 input): the same arithmetic as the BatchNorm1d reference.
 For backward the op keeps the gathered blocks (``(1 - mask ratio)`` of x), not x.
-``backend="torch"`` runs the reference.
+``backend="torch"`` runs the reference; ``backend="auto"`` picks it on CUDA
+(:data:`spikeops.backend.TORCH_ON_CUDA`), where it was faster than the Triton gather/scatter.
 """
 from __future__ import annotations
 
@@ -219,7 +220,7 @@ def masked_batch_norm2d(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     mask = check_mask(mask)
     full, _, _ = expand_mask(mask, x, x.shape[2:], "input")
-    chosen = pixel_backend(_backend.resolve(x, backend), backend, x.shape[0] * x.shape[2] * x.shape[3], "input")
+    chosen = pixel_backend(_backend.resolve(x, backend, op="masked_batch_norm2d"), backend, x.shape[0] * x.shape[2] * x.shape[3], "input")
     if chosen == "torch":
         return reference.masked_batch_norm2d_reference(x, mask, running_mean, running_var, weight, bias, training,
                                                        float(momentum), float(eps))

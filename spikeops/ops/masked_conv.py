@@ -40,7 +40,9 @@ once: computed values in visible blocks, exactly 0 in masked ones.
   ``torch.backends.cudnn.allow_tf32`` says, like nn.Conv2d on cuDNN); dW is
   split over P with fp32 partial sums; dx is one launch per kernel tap, so it needs no atomics
   and is deterministic.
-* ``torch``: the reference (dense conv, then the mask).
+* ``torch``: the reference (dense conv, then the mask). ``backend="auto"`` picks it on CUDA
+  (:data:`spikeops.backend.TORCH_ON_CUDA`): cuDNN's dense convolution is faster there than the
+  Triton kernels at the SCS stem's shapes, even at mask ratio 0.75 (BENCHMARKS.md).
 
 In backward, only grad_out at visible positions is read (the output was masked), and input
 pixels outside every visible block's receptive field get exactly 0, as in the reference.
@@ -258,7 +260,7 @@ def masked_conv2d(
                          f"padded input {x.shape[2] + 2 * padding[0]}x{x.shape[3] + 2 * padding[1]}")
     mask = check_mask(mask)
     full, _, _ = expand_mask(mask, x, (Ho, Wo), "output")
-    chosen = _backend.resolve(x, backend)
+    chosen = _backend.resolve(x, backend, op="masked_conv2d")
     pixels = x.shape[0] * max(Ho * Wo, x.shape[2] * x.shape[3])
     chosen = pixel_backend(chosen, backend, pixels, "input or output")
     if chosen == "torch":

@@ -34,6 +34,7 @@ def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
     _ssa_forward_kernel[grid](
         q, k, v, out, T, BH, N, d, float(scale), float(v_threshold), float(tau),
         KV_FIRST=N > d, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d,
+        enable_fp_fusion=False,  # y * scale - V must round twice, as in the reference (no FMA)
     )
     return (out, *words, binary)
 
