@@ -5,11 +5,12 @@
 #
 # Uses the machine's own python3/torch/triton and the source tree as is (no build by default: the
 # C++ kernels are for CPU tensors and are tested on CPU; CPP_S=SECONDS builds them there with its
-# torch and runs the C++ tests on its CPU, another x86-64 model than the CI machine's). SpikingJelly and loguru, when not installed
-# there, are read from .gpu/site (copy them there from a venv; .gpu/ is git-ignored locally and
-# carried to the device). Each step has its own time limit (seconds, overridable: TEST_S, BENCH_S;
-# TEST_S="" runs no Triton tests, BENCH_S="" no bench) so that one slow or failing step leaves the others their time;
-# everything is logged under $OUT, and bench/results/ is archived there as results.tgz.
+# torch and runs the C++ tests on its CPU, another x86-64 model than the CI machine's).
+# SpikingJelly and loguru, when not installed there, are read from .gpu/site (copy them there from
+# a venv; .gpu/ is git-ignored locally and carried to the device). Each step has its own time
+# limit (seconds, overridable: TEST_S, BENCH_S; TEST_S="" runs no Triton tests, BENCH_S="" no
+# bench) so that one slow or failing step leaves the others their time; everything is logged
+# under $OUT, and bench/results/ is archived there as results.tgz.
 # BENCH_S may also name inference (bench_inference). AMP_S="bf16:150" (default none) adds the
 # training step under autocast (bench_train_step --amp bf16, all CUDA cases).
 set -u

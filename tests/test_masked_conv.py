@@ -1,4 +1,6 @@
 """spikeops.masked_conv2d: dense conv then mask, computed on the visible blocks only, every backend."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,15 +208,11 @@ def test_auto_runs_the_torch_path_of_the_masked_ops_on_cuda_and_triton_stays_sel
     # on CUDA the torch paths (cuDNN's dense conv; the reference masked BatchNorm) beat the Triton
     # kernels (BENCHMARKS.md), so "auto" picks them there for these ops only; resolve reads just
     # the device and dtype
-    from types import SimpleNamespace
-
-    from spikeops import backend
-
     cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
-    assert backend.resolve(cuda, "auto", op="masked_conv2d") == "torch"
-    assert backend.resolve(cuda, "auto", op="masked_batch_norm2d") == "torch"
-    if backend.TRITON_INSTALLED:
-        assert backend.resolve(cuda, "auto") == "triton"
-        assert backend.resolve(cuda, "triton", op="masked_conv2d") == "triton"
-    cpu = torch.zeros(1)
-    assert backend.resolve(cpu, "auto", op="masked_conv2d") == ("cpp" if backend.cpp_available() else "torch")
+    assert spikeops.backend.resolve(cuda, "auto", op="masked_conv2d") == "torch"
+    assert spikeops.backend.resolve(cuda, "auto", op="masked_batch_norm2d") == "torch"
+    if spikeops.backend.TRITON_INSTALLED:
+        assert spikeops.backend.resolve(cuda, "auto") == "triton"
+        assert spikeops.backend.resolve(cuda, "triton", op="masked_conv2d") == "triton"
+    on_cpu = "cpp" if spikeops.backend.cpp_available() else "torch"
+    assert spikeops.backend.resolve(torch.zeros(1), "auto", op="masked_conv2d") == on_cpu

@@ -220,7 +220,8 @@ def masked_batch_norm2d(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     mask = check_mask(mask)
     full, _, _ = expand_mask(mask, x, x.shape[2:], "input")
-    chosen = pixel_backend(_backend.resolve(x, backend, op="masked_batch_norm2d"), backend, x.shape[0] * x.shape[2] * x.shape[3], "input")
+    chosen = pixel_backend(_backend.resolve(x, backend, op="masked_batch_norm2d"), backend,
+                           x.shape[0] * x.shape[2] * x.shape[3], "input")
     if chosen == "torch":
         return reference.masked_batch_norm2d_reference(x, mask, running_mean, running_var, weight, bias, training,
                                                        float(momentum), float(eps))
