@@ -14,8 +14,8 @@ spikes equal the reference bit for bit.
 Backward saves q, k, v bit-packed (1 bit per spike, 1/32 of fp32) and recomputes Y from them
 exactly, runs the LIF backward (surrogate) to get dL/dY, then the float products:
 ``dQ = s dY (K^T V)^T``, ``dA = s Q^T dY``, ``dK = V dA^T``, ``dV = K dA``. The C++ backend does
-all of it in one kernel over the bits (sums of rows at the spikes); Triton composes unpack, the
-LIF kernels and matmuls.
+all of it in one kernel over the bits (sums of rows at the spikes); so does Triton for d <= 64
+(``tl.dot`` on unpacked tiles), composing unpack, the LIF kernels and matmuls for wider heads.
 """
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
 from spikeops.ops.known_counts import counts_bound, mark_counts
-from spikeops.ops.lif import ATTENTION_NEURON, _lif_backward, _lif_state
-from spikeops.ops.pack import _unpack
 
 TRITON_MAX_ND = 2**31 - 2**16  # the Triton kernel's offsets inside one (t, head) slice are int32
 
@@ -60,7 +58,7 @@ def _(q, k, v, scale, v_threshold, tau, save_packed, backend, check=True):
 
 
 @torch.library.custom_op("spikeops::ssa_backward", mutates_args=())
-def _ssa_backward_fused(
+def _ssa_backward(
     grad: torch.Tensor, qw: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, scale: float, v_threshold: float,
     tau: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +66,7 @@ def _ssa_backward_fused(
     return _backend.kernel("ssa", "ssa_backward", backend)(grad, qw, kw, vw, scale, v_threshold, tau)
 
 
-@_ssa_backward_fused.register_fake
+@_ssa_backward.register_fake
 def _(grad, qw, kw, vw, scale, v_threshold, tau, backend):
     return tuple(torch.empty(grad.shape, dtype=torch.float32, device=grad.device) for _ in range(3))
 
@@ -89,22 +87,8 @@ def _backward(ctx, grad, *_):
     if qw.numel() == 0:
         raise RuntimeError("spikeops.ssa: backward through a forward that ran without grad enabled for q, k, v")
     scale, v_threshold, tau, backend = ctx.params
-    if _backend.has_kernel("ssa", "ssa_backward", backend):
-        grads = _ssa_backward_fused(grad.contiguous(), qw, kw, vw, scale, v_threshold, tau, backend)
-        return (*(g.to(ctx.dtype) for g in grads), None, None, None, None, None, None)
-    T, BH, N, d = ctx.shape
-    q, k, v = (_unpack(w.view(-1, w.shape[-1]), d, torch.float32, backend).view(T, BH, N, d) for w in (qw, kw, vw))
-    kv = k.transpose(-2, -1) @ v                       # [T, BH, d, d], exact integers
-    y = ((q @ kv) * scale).view(T, -1)                 # the forward's attention input, recomputed exactly
-    lif_args = (tau, v_threshold, *ATTENTION_NEURON)
-    h = _lif_state(y, *lif_args[:5], backend)
-    dy = _lif_backward(grad.contiguous().view(T, -1).float(), h, *lif_args, backend)
-    g = dy.view(T, BH, N, d) * scale
-    dkv = q.transpose(-2, -1) @ g
-    dq = g @ kv.transpose(-2, -1)
-    dk = v @ dkv.transpose(-2, -1)
-    dv = k @ dkv
-    return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None, None, None, None, None
+    grads = _ssa_backward(grad.contiguous(), qw, kw, vw, scale, v_threshold, tau, backend)
+    return (*(g.to(ctx.dtype) for g in grads), None, None, None, None, None, None)
 
 
 torch.library.register_autograd("spikeops::ssa_forward", _backward, setup_context=_setup_context)

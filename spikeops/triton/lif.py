@@ -112,30 +112,41 @@ def _lif_backward_kernel(
             d = state.to(tl.float32)
         else:
             d = (state - v_threshold) + 0.0  # -0 -> +0: the spike is "sign bit clear"
-        fire = tl.where(d.to(tl.int32, bitcast=True) >= 0, 1.0, 0.0)
-        if SURROGATE == SIGMOID:
-            e = tl.exp(-tl.abs(alpha * d))
-            sg = alpha * e / ((1.0 + e) * (1.0 + e))
-        else:
-            z = 1.5707963267948966 * alpha * d
-            sg = alpha / 2.0 / (1.0 + z * z)
-        if HARD:
-            if DETACH_RESET:
-                dv_dh = 1.0 - fire
-            else:
-                dv_dh = (1.0 - fire) + ((v_reset - v_threshold) - d) * sg
-        else:
-            if DETACH_RESET:
-                dv_dh = tl.zeros_like(d) + 1.0
-            else:
-                dv_dh = 1.0 - v_threshold * sg
-        gh = gs * sg + gv * dv_dh
-        if DECAY_INPUT:
-            gx = tl.math.div_rn(gh, tau_v)
-        else:
-            gx = gh
+        gx, gv = lif_grad_step(d, gs, gv, tau_v, v_threshold, v_reset, alpha,
+                               HARD, DECAY_INPUT, DETACH_RESET, SURROGATE)
         tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-        gv = gh - tl.math.div_rn(gh, tau_v)
         gs_ptr -= N
         h_ptr -= N
         gx_ptr -= N
+
+
+@triton.jit
+def lif_grad_step(
+    d, gs, gv, tau_v, v_threshold, v_reset, alpha,
+    HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+):
+    """One backward step of the neuron (also the SSA backward's): d = H - v_threshold with -0 made +0,
+    gs = dL/dS, gv = dL/dV from step t + 1, tau_v = tau broadcast -> (dL/dX, dL/dV for step t - 1)."""
+    fire = tl.where(d.to(tl.int32, bitcast=True) >= 0, 1.0, 0.0)
+    if SURROGATE == SIGMOID:
+        e = tl.exp(-tl.abs(alpha * d))
+        sg = alpha * e / ((1.0 + e) * (1.0 + e))
+    else:
+        z = 1.5707963267948966 * alpha * d
+        sg = alpha / 2.0 / (1.0 + z * z)
+    if HARD:
+        if DETACH_RESET:
+            dv_dh = 1.0 - fire
+        else:
+            dv_dh = (1.0 - fire) + ((v_reset - v_threshold) - d) * sg
+    else:
+        if DETACH_RESET:
+            dv_dh = tl.zeros_like(d) + 1.0
+        else:
+            dv_dh = 1.0 - v_threshold * sg
+    gh = gs * sg + gv * dv_dh
+    if DECAY_INPUT:
+        gx = tl.math.div_rn(gh, tau_v)
+    else:
+        gx = gh
+    return gx, gh - tl.math.div_rn(gh, tau_v)

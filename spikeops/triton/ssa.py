@@ -1,6 +1,6 @@
-"""Fused Spiking Self-Attention forward in Triton: the semantics are in :mod:`spikeops.ops.ssa`.
+"""Fused Spiking Self-Attention in Triton: the semantics are in :mod:`spikeops.ops.ssa`.
 
-One program owns BLOCK_N query rows of one (batch, head) and walks t = 0..T-1 with the
+Forward: one program owns BLOCK_N query rows of one (batch, head) and walks t = 0..T-1 with the
 attention neuron's potential [BLOCK_N, d] in registers. Spikes are loaded as fp16 0/1 tiles
 and multiplied with ``tl.dot`` (fp32 accumulation: exact integer counts).
 - ``N > d``: K^T V [d, d] is accumulated over N in blocks (each program recomputes it for its
@@ -8,6 +8,15 @@ and multiplied with ``tl.dot`` (fp32 accumulation: exact integer counts).
   (2048), so it enters the second dot split as 2048 * hi + lo, both exact in fp16.
 - ``N <= d``: A = Q K^T [BLOCK_N, BLOCK_M] (entries <= d) then Y += A V, over blocks of N.
 q, k, v are also packed (and checked to be 0/1) by the pack kernel, for the backward pass.
+
+Backward (d <= 64: one word of bits per row): one program per (batch, head), from the packed
+q, k, v, in three passes over the head, with fp32 scratch in global memory:
+  1. K^T V of every step (unpacked bit tiles, ``tl.dot``)                  -> kv  [T, BH, D, D]
+  2. the forward's H again, row block by row block, potential in registers -> h   [T, BH, N, d]
+  3. t = T-1..0: G = scale * LIF backward (the LIF kernel's step), dL/dV carried in gv [BH, N, d];
+     dQ = G (K^T V)^T and dA = Q^T G over the row blocks, then dK = V dA^T, dV = K dA.
+The float products run with ``input_precision="ieee"`` (TF32 would miss the 1e-5 gradient
+tolerance). Wider heads: unpack, the LIF kernels and torch matmuls.
 """
 from __future__ import annotations
 
@@ -15,10 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from spikeops.triton.pack import pack_with_flags
+from spikeops.ops.lif import ATTENTION_NEURON
+from spikeops.triton.lif import lif_backward, lif_grad_step, lif_state
+from spikeops.triton.pack import pack_with_flags, unpack_spikes
 
 BLOCK_N = 32
 BLOCK_M = 32
+FUSED_BACKWARD_MAX_D = 64  # one int64 word of bits per row
 
 
 def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
@@ -37,6 +49,50 @@ def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
         enable_fp_fusion=False,  # y * scale - V must round twice, as in the reference (no FMA)
     )
     return (out, *words, binary)
+
+
+def ssa_backward(grad, qw, kw, vw, scale, v_threshold, tau):
+    """grad [T, BH, N, d] contiguous, the words ssa_forward saved -> dq, dk, dv fp32 [T, BH, N, d]."""
+    T, BH, N, d = grad.shape
+    grad = grad.float().contiguous()
+    v_reset, hard, decay_input, detach_reset, surrogate, alpha = ATTENTION_NEURON
+    if d > FUSED_BACKWARD_MAX_D:
+        q, k, v = (unpack_spikes(w.view(-1, w.shape[-1]), d, torch.float32).view(T, BH, N, d) for w in (qw, kw, vw))
+        kv = k.transpose(-2, -1) @ v  # [T, BH, d, d], exact integers
+        y = ((q @ kv) * scale).view(T, -1)  # the forward's attention input, recomputed exactly
+        h = lif_state(y, tau, v_threshold, v_reset, hard, decay_input)
+        g = lif_backward(grad.view(T, -1), h, tau, v_threshold, v_reset, hard, decay_input, detach_reset, surrogate,
+                         alpha).view(T, BH, N, d) * scale
+        da = q.transpose(-2, -1) @ g
+        return g @ kv.transpose(-2, -1), v @ da.transpose(-2, -1), k @ da
+    block_d = max(16, triton.next_power_of_2(d))
+    dq, dk, dv, h = (torch.empty_like(grad) for _ in range(4))
+    gv = torch.empty((BH, N, d), device=grad.device, dtype=torch.float32)
+    kv = torch.empty((T, BH, block_d, block_d), device=grad.device, dtype=torch.float32)
+    _ssa_backward_kernel[(BH,)](
+        grad, qw, kw, vw, dq, dk, dv, h, gv, kv, T, BH, N, d, float(scale), float(v_threshold), float(tau),
+        float(v_reset), float(alpha), HARD=hard, DECAY_INPUT=decay_input, DETACH_RESET=detach_reset,
+        SURROGATE=surrogate, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        enable_fp_fusion=False,  # H recomputed as the forward rounds it (its spikes gate the gradient)
+    )
+    return dq, dk, dv
+
+
+@triton.jit
+def _exact_product(q, kv):
+    """q [BLOCK_N, BLOCK_D] fp16 0/1 @ kv [BLOCK_D, BLOCK_D] fp32 integers < 2^22, exactly: kv
+    enters split as 2048 * hi + lo, both exact in fp16."""
+    kv_hi = tl.floor(kv / 2048.0)
+    kv_lo = kv - kv_hi * 2048.0
+    return tl.dot(q, kv_hi.to(tl.float16)) * 2048.0 + tl.dot(q, kv_lo.to(tl.float16))
+
+
+@triton.jit
+def _unpack_rows(words_ptr, rows, cols, N, DTYPE: tl.constexpr):
+    """Rows ``rows`` of a [N, 1] word tile as 0/1 [len(rows), len(cols)] of DTYPE (0 past N)."""
+    w = tl.load(words_ptr + rows, mask=rows < N, other=0)
+    bits = (w[:, None] >> cols[None, :].to(tl.int64)) & 1
+    return tl.where(bits != 0, 1.0, 0.0).to(DTYPE)  # via fp32: the interpreter mis-casts int -> fp16
 
 
 @triton.jit
@@ -61,9 +117,7 @@ def _ssa_forward_kernel(
                 k = tl.load(k_ptr + base + m[:, None] * d + cols[None, :], mask=m_mask, other=0.0).to(tl.float16)
                 v = tl.load(v_ptr + base + m[:, None] * d + cols[None, :], mask=m_mask, other=0.0).to(tl.float16)
                 kv += tl.dot(tl.trans(k), v)
-            kv_hi = tl.floor(kv / 2048.0)
-            kv_lo = kv - kv_hi * 2048.0
-            y = tl.dot(q, kv_hi.to(tl.float16)) * 2048.0 + tl.dot(q, kv_lo.to(tl.float16))
+            y = _exact_product(q, kv)
         else:
             y = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for m0 in range(0, N, BLOCK_M):
@@ -79,3 +133,71 @@ def _ssa_forward_kernel(
         tl.store(out_ptr + base + rows[:, None] * d + cols[None, :],
                  tl.where(fire, 1.0, 0.0).to(out_ptr.dtype.element_ty), mask=row_mask)
         vmem = tl.where(fire, 0.0, h)
+
+
+@triton.jit
+def _ssa_backward_kernel(
+    g_ptr, qw_ptr, kw_ptr, vw_ptr, dq_ptr, dk_ptr, dv_ptr, h_ptr, gv_ptr, kv_ptr,
+    T, BH, N, d, scale, v_threshold, tau, v_reset, alpha, HARD: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Passes 1-2 recompute the forward (the attention neuron: hard reset to 0, decay_input); the
+    neuron's backward takes its settings (spikeops.ops.lif.ATTENTION_NEURON) as arguments."""
+    bh = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    kv_tile = cols[:, None] * BLOCK_D + cols[None, :]
+    tau_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32) + tau
+    # 1. K^T V of every step
+    for t in range(T):
+        words = (t * BH + bh) * N
+        kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+        for m0 in range(0, N, BLOCK_N):
+            k = _unpack_rows(kw_ptr + words, m0 + r, cols, N, tl.float16)
+            v = _unpack_rows(vw_ptr + words, m0 + r, cols, N, tl.float16)
+            kv += tl.dot(tl.trans(k), v)
+        tl.store(kv_ptr + (t * BH + bh) * BLOCK_D * BLOCK_D + kv_tile, kv)
+    tl.debug_barrier()  # the scratch written by one thread is read by others below
+    # 2. H of every step, as the forward computes it
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + r
+        mask = (rows[:, None] < N) & (cols[None, :] < d)
+        tile = rows[:, None] * d + cols[None, :]
+        vmem = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for t in range(T):
+            q = _unpack_rows(qw_ptr + (t * BH + bh) * N, rows, cols, N, tl.float16)
+            kv = tl.load(kv_ptr + (t * BH + bh) * BLOCK_D * BLOCK_D + kv_tile)
+            y = _exact_product(q, kv) * scale
+            h = vmem + tl.math.div_rn(y - vmem, tau_v)
+            tl.store(h_ptr + (t * BH + bh) * N * d + tile, h, mask=mask)
+            vmem = tl.where((h - v_threshold) >= 0.0, 0.0, h)
+    tl.debug_barrier()
+    # 3. t = T-1 .. 0
+    for i in range(T):
+        t = T - 1 - i
+        step = (t * BH + bh) * N
+        kv = tl.load(kv_ptr + (t * BH + bh) * BLOCK_D * BLOCK_D + kv_tile)
+        da = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # dL/d(K^T V)
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + r
+            mask = (rows[:, None] < N) & (cols[None, :] < d)
+            tile = rows[:, None] * d + cols[None, :]
+            h = tl.load(h_ptr + step * d + tile, mask=mask, other=0.0)
+            gs = tl.load(g_ptr + step * d + tile, mask=mask, other=0.0)
+            gv = tl.load(gv_ptr + bh * N * d + tile, mask=mask & (i > 0), other=0.0)
+            gy, gv = lif_grad_step((h - v_threshold) + 0.0, gs, gv, tau_v, v_threshold, v_reset, alpha,
+                                   HARD, DECAY_INPUT, DETACH_RESET, SURROGATE)
+            tl.store(gv_ptr + bh * N * d + tile, gv, mask=mask)
+            g = tl.where(mask, gy * scale, 0.0)
+            q = _unpack_rows(qw_ptr + step, rows, cols, N, tl.float32)
+            tl.store(dq_ptr + step * d + tile, tl.dot(g, tl.trans(kv), input_precision="ieee"), mask=mask)
+            da += tl.dot(tl.trans(q), g, input_precision="ieee")
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + r
+            mask = (rows[:, None] < N) & (cols[None, :] < d)
+            tile = rows[:, None] * d + cols[None, :]
+            k = _unpack_rows(kw_ptr + step, rows, cols, N, tl.float32)
+            v = _unpack_rows(vw_ptr + step, rows, cols, N, tl.float32)
+            tl.store(dk_ptr + step * d + tile, tl.dot(v, tl.trans(da), input_precision="ieee"), mask=mask)
+            tl.store(dv_ptr + step * d + tile, tl.dot(k, da, input_precision="ieee"), mask=mask)
+        tl.debug_barrier()  # gv of step t is read by other threads at step t - 1
