@@ -23,7 +23,6 @@ import importlib.util
 import os
 
 import torch
-from torch.utils import _python_dispatch
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -109,19 +108,6 @@ def resolve(tensor: torch.Tensor, backend: str = "auto", op: str = "") -> str:
             "or set TRITON_INTERPRET=1 before importing spikeops to run Triton's interpreter on CPU"
         )
     return backend
-
-
-def direct_call_ok(*tensors: torch.Tensor) -> bool:
-    """True when an op may call its raw kernel directly instead of through its ``torch.library``
-    custom op, saving the op dispatch (~50 us a call): plain eager tensors that need no autograd,
-    with nothing tracing (``torch.compile``, ``make_fx``), no tensor subclass (FakeTensor) and no
-    dispatch or torch-function mode active. The result is the same either way."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if _python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
 @torch.compiler.assume_constant_result  # torch.compile asks once while tracing (no import_module in the graph)

@@ -40,6 +40,7 @@ from spikeops._validation import (
     check_tau,
     check_time_major,
 )
+from spikeops.ops.op import custom_op
 
 SURROGATE_IDS = {"sigmoid": 0, "atan": 1}  # shared with csrc/ops.h and spikeops/triton/lif.py
 # The attention neuron of SSA and token attention, as the arguments of _lif_forward / _lif_backward
@@ -49,7 +50,7 @@ ATTENTION_NEURON = (0.0, True, True, True, SURROGATE_IDS["sigmoid"], 4.0)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-@torch.library.custom_op("spikeops::lif_forward", mutates_args=())
+@custom_op("lif_forward")
 def _lif_forward(
     x: torch.Tensor,
     tau: float,
@@ -76,7 +77,7 @@ def _(x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surro
     return torch.empty_like(x), x.new_empty(h_shape, dtype=torch.bfloat16 if state_bf16 else torch.float32)
 
 
-@torch.library.custom_op("spikeops::lif_backward", mutates_args=())
+@custom_op("lif_backward")
 def _lif_backward(
     grad_spikes: torch.Tensor,
     h: torch.Tensor,
@@ -100,7 +101,7 @@ def _(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach
     return torch.empty_like(grad_spikes)
 
 
-@torch.library.custom_op("spikeops::lif_state", mutates_args=())
+@custom_op("lif_state")
 def _lif_state(
     x: torch.Tensor, tau: float, v_threshold: float, v_reset: float, hard_reset: bool, decay_input: bool,
     backend: str,
@@ -137,7 +138,7 @@ def _backward(ctx, grad_spikes, _grad_h):
     return (grad_x,) + (None,) * 11
 
 
-torch.library.register_autograd("spikeops::lif_forward", _backward, setup_context=_setup_context)
+_lif_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lif_params(tau, v_threshold, v_reset, surrogate, alpha):

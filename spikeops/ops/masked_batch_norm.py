@@ -43,6 +43,7 @@ from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_float_tensor
 from spikeops.ops.masked_conv import block_list, check_mask, expand_mask, pixel_backend
+from spikeops.ops.op import custom_op
 
 
 def _gather(t, blocks, bh, bw, backend):
@@ -61,7 +62,7 @@ def _per_channel(v):
     return v[None, :, None, None]
 
 
-@torch.library.custom_op("spikeops::masked_batch_norm_forward", mutates_args=())
+@custom_op("masked_batch_norm_forward")
 def _forward(
     x: torch.Tensor, mask: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool, eps: float,
@@ -102,7 +103,7 @@ def _(x, mask, weight, bias, running_mean, running_var, training, eps, save, bac
     return torch.empty_like(x), stat, stat.new_empty((C,)), stat.new_empty((C,) if training else (0,)), vis
 
 
-@torch.library.custom_op("spikeops::masked_batch_norm_backward", mutates_args=())
+@custom_op("masked_batch_norm_backward")
 def _backward_op(
     grad_y: torch.Tensor, vis: torch.Tensor, mask: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
     invstd: torch.Tensor, training: bool, need_x: bool, need_w: bool, need_b: bool, backend: str,
@@ -165,7 +166,7 @@ def _backward(ctx, grad_y, *_):
             None, None, None, None, None, None)
 
 
-torch.library.register_autograd("spikeops::masked_batch_norm_forward", _backward, setup_context=_setup_context)
+_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_channel_vector(name: str, t, C: int, x: torch.Tensor) -> None:

@@ -59,6 +59,7 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_float_tensor
+from spikeops.ops.op import custom_op
 
 IntPair = Union[int, Sequence[int]]
 
@@ -139,7 +140,7 @@ def out_size(H: int, W: int, kh: int, kw: int, stride, padding) -> tuple[int, in
     return (H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1
 
 
-@torch.library.custom_op("spikeops::masked_conv2d_forward", mutates_args=())
+@custom_op("masked_conv2d_forward")
 def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor, stride: list[int],
     padding: list[int], backend: str,
@@ -157,7 +158,7 @@ def _(x, weight, bias, mask, stride, padding, backend):
     return x.new_empty((x.shape[0], weight.shape[0], Ho, Wo))
 
 
-@torch.library.custom_op("spikeops::masked_conv2d_backward", mutates_args=())
+@custom_op("masked_conv2d_backward")
 def _backward_op(
     grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, stride: list[int],
     padding: list[int], input_size: list[int], need_x: bool, need_w: bool, need_b: bool, backend: str,
@@ -200,7 +201,7 @@ def _backward(ctx, grad_out):
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None, None, None)
 
 
-torch.library.register_autograd("spikeops::masked_conv2d_forward", _backward, setup_context=_setup_context)
+_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def masked_conv2d(

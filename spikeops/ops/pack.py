@@ -13,6 +13,7 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import FLOAT_DTYPES, check_float_tensor
+from spikeops.ops.op import custom_op
 
 
 class PackedSpikes(NamedTuple):
@@ -31,7 +32,7 @@ NOT_BINARY = (
 )
 
 
-@torch.library.custom_op("spikeops::pack_spikes", mutates_args=())
+@custom_op("pack_spikes")
 def _pack(x: torch.Tensor, check: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, n] contiguous -> (words [R, ceil(n/64)] int64, 0-d bool: all values 0 or 1 (True if not check))."""
     words, binary = _backend.kernel("pack", "pack_spikes", backend)(x, check)
@@ -43,7 +44,7 @@ def _(x, check, backend):
     return x.new_empty((x.shape[0], -(-x.shape[1] // 64)), dtype=torch.int64), torch.empty((), dtype=torch.bool)
 
 
-@torch.library.custom_op("spikeops::unpack_spikes", mutates_args=())
+@custom_op("unpack_spikes")
 def _unpack(words: torch.Tensor, n: int, dtype: torch.dtype, backend: str) -> torch.Tensor:
     """words [R, W] int64 contiguous -> [R, n] 0./1. of dtype."""
     return _backend.kernel("pack", "unpack_spikes", backend)(words, n, dtype)

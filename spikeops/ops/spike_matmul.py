@@ -12,6 +12,7 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_binary, check_float_tensor
+from spikeops.ops.op import custom_op
 from spikeops.ops.pack import pack_if_binary
 
 MAX_K = 2**31 - 1  # the counts are int32 (every backend, and the reference)
@@ -19,7 +20,7 @@ MAX_K_TRITON = 2**24  # the Triton kernel accumulates in fp32: integers are exac
 OUT_DTYPES = (torch.int32, torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@torch.library.custom_op("spikeops::spike_matmul_packed", mutates_args=())
+@custom_op("spike_matmul_packed")
 def _spike_matmul_packed(a_words: torch.Tensor, bt_words: torch.Tensor, backend: str) -> torch.Tensor:
     """a_words [Bt, M, W], bt_words [Bt, N, W] (packed along K) -> int32 [Bt, M, N]."""
     return _backend.kernel("spike_matmul", "spike_matmul_packed", backend)(a_words, bt_words)

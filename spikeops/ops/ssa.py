@@ -25,11 +25,16 @@ from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
 from spikeops.ops.known_counts import counts_bound, mark_counts
+from spikeops.ops.op import custom_op
 
 TRITON_MAX_ND = 2**31 - 2**16  # the Triton kernel's offsets inside one (t, head) slice are int32
 
 
-def _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend, check=True):
+@custom_op("ssa_forward")
+def _ssa_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, v_threshold: float, tau: float,
+    save_packed: bool, backend: str, check: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v packed along d [T, BH, N, ceil(d/64)] or empty).
     ``check``: raise unless q, k, v are 0/1 (the kernels find out; reading it back is a host sync
     on a GPU, skipped for inputs known to be spikes)."""
@@ -40,15 +45,6 @@ def _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend, check=Tr
     return out, qw, kw, vw
 
 
-@torch.library.custom_op("spikeops::ssa_forward", mutates_args=())
-def _ssa_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, v_threshold: float, tau: float,
-    save_packed: bool, backend: str, check: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel as a custom op (autograd, torch.compile); see _run_kernel."""
-    return _run_kernel(q, k, v, scale, v_threshold, tau, save_packed, backend, check)
-
-
 @_ssa_forward.register_fake
 def _(q, k, v, scale, v_threshold, tau, save_packed, backend, check=True):
     T, BH, N, d = q.shape
@@ -57,7 +53,7 @@ def _(q, k, v, scale, v_threshold, tau, save_packed, backend, check=True):
     return (torch.empty_like(q), *words)
 
 
-@torch.library.custom_op("spikeops::ssa_backward", mutates_args=())
+@custom_op("ssa_backward")
 def _ssa_backward(
     grad: torch.Tensor, qw: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, scale: float, v_threshold: float,
     tau: float, backend: str,
@@ -91,7 +87,7 @@ def _backward(ctx, grad, *_):
     return (*(g.to(ctx.dtype) for g in grads), None, None, None, None, None, None)
 
 
-torch.library.register_autograd("spikeops::ssa_forward", _backward, setup_context=_setup_context)
+_ssa_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ssa(
@@ -133,9 +129,6 @@ def ssa(
     T, B, H, N, d = q.shape
     check = any(counts_bound(x) != 1 for x in (q, k, v))  # not all known spikes: the kernel's check is read
     flat = [x.contiguous().view(T, B * H, N, d) for x in (q, k, v)]
-    if _backend.direct_call_ok(q, k, v):  # inference: skip the op dispatch
-        out = _run_kernel(*flat, scale, v_threshold, tau, False, chosen, check)[0]
-    else:
-        save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        out = _ssa_forward(*flat, scale, v_threshold, tau, save, chosen, check)[0]
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out = _ssa_forward(*flat, scale, v_threshold, tau, save, chosen, check)[0]
     return mark_counts(out.view(T, B, H, N, d))

@@ -27,6 +27,7 @@ from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_attention_inputs, check_binary, check_finite, check_tau
 from spikeops.ops.known_counts import counts_bound, mark_counts
+from spikeops.ops.op import custom_op
 
 
 def _raise_not_binary(q, k, p) -> None:
@@ -57,7 +58,7 @@ def _layout_ops(name: str, channel_dim: int):
     H and the words empty unless save). Backward: grad_out, the words, H -> (dL/dS ``[T, BH, N]``
     fp32, dL/dk); dL/dq = dL/dp = dL/dS broadcast over the channels.
     """
-    @torch.library.custom_op(f"spikeops::{name}_forward", mutates_args=())
+    @custom_op(f"{name}_forward")
     def forward(
         q: torch.Tensor, k: torch.Tensor, p: Optional[torch.Tensor], v_threshold: float, tau: float, save: bool,
         backend: str, check: bool = True,
@@ -76,7 +77,7 @@ def _layout_ops(name: str, channel_dim: int):
         words = q.new_empty((q.numel() // last, -(-last // 64)) if save else (0,), dtype=torch.int64)
         return torch.empty_like(q), h, words
 
-    @torch.library.custom_op(f"spikeops::{name}_backward", mutates_args=())
+    @custom_op(f"{name}_backward")
     def backward_op(
         grad_out: torch.Tensor, k_words: torch.Tensor, h: torch.Tensor, v_threshold: float, tau: float, backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,7 @@ def _layout_ops(name: str, channel_dim: int):
         grad_q = grad_s.to(ctx.dtype).unsqueeze(channel_dim).expand(ctx.shape)
         return grad_q, grad_k, grad_q if ctx.has_p else None, None, None, None, None, None
 
-    torch.library.register_autograd(f"spikeops::{name}_forward", backward, setup_context=_setup_context)
+    forward.register_autograd(backward, setup_context=_setup_context)
     return forward
 
 
