@@ -18,6 +18,9 @@ them alike):
   ``torch.addcmul(q, k, v, out=preallocated)``;
 * **ssa fwd+bwd**: q, k, v require grad, forward then ``torch.autograd.grad`` with a random
   grad; with the bytes saved for backward (``spikeops.memory.saved_bytes``);
+* **Triton backward alone** (CUDA, d <= 64): the fused backward kernel vs the unfused path
+  (unpack, the LIF kernels, torch matmuls) on the same saved words and grad, and the largest
+  difference between their gradients;
 * **pack**: ``spikeops.pack_spikes(x)`` / ``unpack_spikes(p)`` for x [4, 32, 196, 384] fp32
   spikes, GB/s of fp32 read (pack) / written (unpack), vs ``x.clone()`` and ``out.copy_(x)``;
 * **block**: a Spikformer block (D=384, N=64, T=4, B=8, 12 heads) from spikeops layers
@@ -259,6 +262,27 @@ def bench_ssa(q, k, v, args) -> dict:
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
+def bench_triton_backward(q, k, v, args) -> Optional[dict]:
+    """CUDA: the Triton SSA backward's two paths on the same saved words and grad (the fused kernel,
+    which ``spikeops.ssa`` takes for d <= 64, and unpack + LIF kernels + matmuls), and how far apart
+    their gradients are; None elsewhere."""
+    from spikeops.triton import ssa as triton_ssa
+
+    T, B, Hh, N, d = q.shape
+    if q.device.type != "cuda" or d > triton_ssa.FUSED_BACKWARD_MAX_D:
+        return None
+    flat = [x.reshape(T, B * Hh, N, d) for x in (q, k, v)]
+    _, qw, kw, vw, _ = triton_ssa.ssa_forward(*flat, SCALE, ATTN_TH, TAU, True)
+    g = torch.randn(flat[0].shape, generator=torch.Generator().manual_seed(2)).to(q.device)
+    paths = {"triton fused kernel": triton_ssa.ssa_backward_fused,
+             "triton unpack + LIF kernels + matmuls": triton_ssa.ssa_backward_unfused}
+    res = measure([Row(n, lambda f=f: f(g, qw, kw, vw, SCALE, ATTN_TH, TAU)) for n, f in paths.items()], args,
+                  q.device)
+    got = [f(g, qw, kw, vw, SCALE, ATTN_TH, TAU) for f in paths.values()]
+    res["max_diff_over_scale"] = max(float((a - b).abs().max() / (b.abs().max() + 1e-30)) for a, b in zip(*got))
+    return res
+
+
 def bench_pack(dev: torch.device, dtype: torch.dtype, args) -> dict:
     x = spikes(PACK_SHAPE, torch.Generator().manual_seed(2), dev, dtype)
     out = torch.empty_like(x)
@@ -401,6 +425,14 @@ def print_attention(dev, name: str, entry: dict) -> None:
         [[n, H.fmt(r["ms"], 3), H.fmt(r["min_ms"], 3), H.fmt(r["over_spikeops"]), H.fmt(r["saved_mb"], 2), r["repeats"]]
          for n, r in fb.items()]))
     print_errors(fb)
+    tb = entry.get("triton_backward")
+    if tb:
+        rows = {n: r for n, r in tb.items() if isinstance(r, dict)}
+        print("\nTriton ssa backward alone (saved words + a random grad -> dq, dk, dv):\n")
+        print(H.markdown_table(["path", "ms", "min ms", "repeats"],
+                               [[n, H.fmt(r["ms"], 3), H.fmt(r["min_ms"], 3), r["repeats"]] for n, r in rows.items()]))
+        print(f"\nlargest difference between the two, relative to the gradient's scale: {tb['max_diff_over_scale']:.1e}")
+        print_errors(rows)
 
 
 def print_pack(dev, entry: dict) -> None:
@@ -480,7 +512,8 @@ def run_device(dev: torch.device, names: list[str], args) -> dict:
             gen = torch.Generator().manual_seed(0)
             q, k, v = (spikes(ATTN_SHAPES[name], gen, dev, dtype) for _ in range(3))
             entry = {"shape": list(ATTN_SHAPES[name]), "dtype": args.dtype, "malloc": malloc,
-                     "matmul": bench_matmul(q, k, v, args), "ssa": bench_ssa(q, k, v, args)}
+                     "matmul": bench_matmul(q, k, v, args), "ssa": bench_ssa(q, k, v, args),
+                     "triton_backward": bench_triton_backward(q, k, v, args)}
             print_attention(dev, name, entry)
         elif name == "pack":
             entry = bench_pack(dev, dtype, args)

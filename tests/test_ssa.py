@@ -185,3 +185,17 @@ def test_compiled_attention_matches_eager():
     assert torch.equal(out, reference.ssa(*tensors))
     out.sum().backward()
     assert all(t.grad is not None for t in tensors)
+
+
+@pytest.mark.parametrize("N,d", [(40, 24), (33, 64)])
+def test_triton_fused_and_unfused_backward_agree(N, d):
+    from spikeops.triton import ssa as triton_ssa
+
+    device = device_for("triton")
+    q, k, v = (t.view(3, 2, N, d) for t in qkv((3, 1, 2, N, d), device=device))
+    _, qw, kw, vw, _ = triton_ssa.ssa_forward(q, k, v, 0.125, 0.5, 2.0, True)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    fused = triton_ssa.ssa_backward_fused(grad, qw, kw, vw, 0.125, 0.5, 2.0)
+    unfused = triton_ssa.ssa_backward_unfused(grad, qw, kw, vw, 0.125, 0.5, 2.0)
+    for a, b in zip(fused, unfused):
+        assert_grads_close(a, b, rtol=1e-5)

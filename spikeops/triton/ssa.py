@@ -52,19 +52,18 @@ def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
 
 
 def ssa_backward(grad, qw, kw, vw, scale, v_threshold, tau):
-    """grad [T, BH, N, d] contiguous, the words ssa_forward saved -> dq, dk, dv fp32 [T, BH, N, d]."""
-    T, BH, N, d = grad.shape
+    """grad [T, BH, N, d] contiguous, the words ssa_forward saved -> dq, dk, dv fp32 [T, BH, N, d]:
+    the fused kernel for d <= FUSED_BACKWARD_MAX_D, else the unfused path."""
     grad = grad.float().contiguous()
+    if grad.shape[-1] > FUSED_BACKWARD_MAX_D:
+        return ssa_backward_unfused(grad, qw, kw, vw, scale, v_threshold, tau)
+    return ssa_backward_fused(grad, qw, kw, vw, scale, v_threshold, tau)
+
+
+def ssa_backward_fused(grad, qw, kw, vw, scale, v_threshold, tau):
+    """ssa_backward in one kernel (fp32 grad, d <= FUSED_BACKWARD_MAX_D)."""
+    T, BH, N, d = grad.shape
     v_reset, hard, decay_input, detach_reset, surrogate, alpha = ATTENTION_NEURON
-    if d > FUSED_BACKWARD_MAX_D:
-        q, k, v = (unpack_spikes(w.view(-1, w.shape[-1]), d, torch.float32).view(T, BH, N, d) for w in (qw, kw, vw))
-        kv = k.transpose(-2, -1) @ v  # [T, BH, d, d], exact integers
-        y = ((q @ kv) * scale).view(T, -1)  # the forward's attention input, recomputed exactly
-        h = lif_state(y, tau, v_threshold, v_reset, hard, decay_input)
-        g = lif_backward(grad.view(T, -1), h, tau, v_threshold, v_reset, hard, decay_input, detach_reset, surrogate,
-                         alpha).view(T, BH, N, d) * scale
-        da = q.transpose(-2, -1) @ g
-        return g @ kv.transpose(-2, -1), v @ da.transpose(-2, -1), k @ da
     block_d = max(16, triton.next_power_of_2(d))
     dq, dk, dv, h = (torch.empty_like(grad) for _ in range(4))
     gv = torch.empty((BH, N, d), device=grad.device, dtype=torch.float32)
@@ -76,6 +75,20 @@ def ssa_backward(grad, qw, kw, vw, scale, v_threshold, tau):
         enable_fp_fusion=False,  # H recomputed as the forward rounds it (its spikes gate the gradient)
     )
     return dq, dk, dv
+
+
+def ssa_backward_unfused(grad, qw, kw, vw, scale, v_threshold, tau):
+    """ssa_backward as unpack, the LIF kernels and torch matmuls (fp32 grad, any d)."""
+    T, BH, N, d = grad.shape
+    v_reset, hard, decay_input, detach_reset, surrogate, alpha = ATTENTION_NEURON
+    q, k, v = (unpack_spikes(w.view(-1, w.shape[-1]), d, torch.float32).view(T, BH, N, d) for w in (qw, kw, vw))
+    kv = k.transpose(-2, -1) @ v  # [T, BH, d, d], exact integers
+    y = ((q @ kv) * scale).view(T, -1)  # the forward's attention input, recomputed exactly
+    h = lif_state(y, tau, v_threshold, v_reset, hard, decay_input)
+    g = lif_backward(grad.view(T, -1), h, tau, v_threshold, v_reset, hard, decay_input, detach_reset, surrogate,
+                     alpha).view(T, BH, N, d) * scale
+    da = q.transpose(-2, -1) @ g
+    return g @ kv.transpose(-2, -1), v @ da.transpose(-2, -1), k @ da
 
 
 @triton.jit
