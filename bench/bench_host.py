@@ -4,15 +4,17 @@ At the tiny shape below (T=2, B=1, N=16 tokens, D=32 channels, 2 heads) every ke
 microseconds, so a call's wall time is its Python and dispatch work: the time a GPU step spends
 launch-bound, and a floor for small-batch inference anywhere. Each spikeops layer is timed round-robin
 with its eager counterpart (nn layers + SpikingJelly 2.0 ``LIFNode``, reset before each call; the
-python LIF without SpikingJelly) in one run, on the CPU with 1 thread (the same host work a CUDA
-run does, minus the launches), as the median of ``--repeats`` calls in microseconds:
+python LIF without SpikingJelly) in one run, as the median of ``--repeats`` calls in microseconds;
+on the CPU with 1 thread (the host work a CUDA run does too, minus the launches):
 
 * **fwd** (``torch.no_grad()``) and **fwd+bwd** (input requires grad, ``out.sum().backward()``);
+* on CUDA (``--device cuda``/``all`` with a GPU) the same pairs on the GPU: there each call is
+  launch-bound (host work, Triton/CUDA launches and host syncs), timed with CUDA events;
 * ``nn.LIF`` vs ``LIFNode``; ``SpikingSelfAttention`` + ``SpikingMLP`` (a Spikformer block) vs
   ``bench_ssa.EagerBlock``; ``MultiScaleSpikingAttention`` / ``QKTokenAttention`` vs
   ``bench_token_attention.EagerTokenAttention``. Same weights in each pair.
 
-Results: markdown on stdout, JSON in ``bench/results/host_cpu.json``.
+Results: markdown on stdout, JSON in ``bench/results/host_<device>.json``.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ T, B, N, D, HEADS = 2, 1, 16, 32, 2
 DENSITY = 0.3
 
 
-def pairs() -> dict[str, tuple[nn.Module, nn.Module, tuple[int, ...]]]:
-    """name -> (spikeops module, eager module with the same weights, input shape)."""
+def pairs(dev: torch.device) -> dict[str, tuple[nn.Module, nn.Module, tuple[int, ...]]]:
+    """name -> (spikeops module, eager module with the same weights, input shape), on ``dev``."""
     out = {"LIF": (spikeops.nn.LIF(), sjlif(1.0), (T, B, N, D))}
     block, eager_block = Block(D, HEADS), EagerBlock(D, HEADS)
     copy_block_weights(block, eager_block)
@@ -44,7 +46,7 @@ def pairs() -> dict[str, tuple[nn.Module, nn.Module, tuple[int, ...]]]:
         ea = EagerTokenAttention(D, HEADS, p_kernel)
         copy_attention_weights(sp, ea)
         out[name] = (sp, ea, (T, B, D, N))
-    return out
+    return {name: (sp.to(dev), ea.to(dev), shape) for name, (sp, ea, shape) in out.items()}
 
 
 def calls(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -62,12 +64,12 @@ def calls(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
-def measure(name: str, sp: nn.Module, ea: nn.Module, shape, args) -> dict:
-    x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) < DENSITY).float()
+def measure(sp: nn.Module, ea: nn.Module, shape, args, dev: torch.device) -> dict:
+    x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) < DENSITY).float().to(dev)
     entry: dict = {"shape": list(shape)}
     for kind in ("fwd", "fwd+bwd"):
         fns = {"spikeops": calls(sp, x)[kind], "eager": calls(ea, x)[kind]}
-        times = H.time_interleaved(fns, {n: args.repeats for n in fns}, args.warmup, torch.device("cpu"))
+        times = H.time_interleaved(fns, {n: args.repeats for n in fns}, args.warmup, dev)
         entry[kind] = {n: (H.median(t) * 1e3 if isinstance(t, list) else None) for n, t in times.items()}
         entry[kind]["errors"] = {n: repr(t) for n, t in times.items() if not isinstance(t, list)}
         sp_us, ea_us = entry[kind]["spikeops"], entry[kind]["eager"]
@@ -75,34 +77,37 @@ def measure(name: str, sp: nn.Module, ea: nn.Module, shape, args) -> dict:
     return entry
 
 
-def run(args: argparse.Namespace) -> None:
-    if "cpu" not in args.device and args.device != "all":
-        print("bench_host runs on the CPU only (host time); skipped for --device", args.device)
-        return
-    H.configure_malloc(args.malloc)
+def run_device(dev: torch.device, args) -> None:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
     try:
-        results = {name: measure(name, *pair, args) for name, pair in pairs().items()}
+        results = {name: measure(*pair, args, dev) for name, pair in pairs(dev).items()}
     finally:
         torch.set_num_threads(threads)
     eager_name = "nn + SpikingJelly LIFNode" if SJ_ERROR is None else "nn + python LIF (no SpikingJelly)"
-    print(f"\n## Host time per call on cpu | T={T} B={B} N={N} D={D} heads={HEADS} | 1 thread | us, medians\n")
+    where = "1 thread" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    print(f"\n## Host time per call on {dev} | T={T} B={B} N={N} D={D} heads={HEADS} | {where} | us, medians\n")
     rows = []
     for name, e in results.items():
         rows.append([name, H.fmt(e["fwd"]["spikeops"], 0), H.fmt(e["fwd"]["eager"], 0),
                      H.fmt(e["fwd"]["eager_over_spikeops"]), H.fmt(e["fwd+bwd"]["spikeops"], 0),
                      H.fmt(e["fwd+bwd"]["eager"], 0), H.fmt(e["fwd+bwd"]["eager_over_spikeops"])])
-    print(H.markdown_table(["layer", "spikeops fwd", f"eager fwd", "eager/spikeops", "spikeops fwd+bwd",
+    print(H.markdown_table(["layer", "spikeops fwd", "eager fwd", "eager/spikeops", "spikeops fwd+bwd",
                             "eager fwd+bwd", "eager/spikeops"], rows))
     print(f"\neager = {eager_name}")
     for name, e in results.items():
         for kind in ("fwd", "fwd+bwd"):
             for impl, err in e[kind]["errors"].items():
                 print(f"* {name} {kind} {impl}: ERROR {err}")
-    payload = {**H.run_header(torch.device("cpu")), "eager": eager_name, "repeats": args.repeats,
-               "results": results}
-    print(f"\nwrote {H.write_json('host_cpu', payload)}")
+    payload = {**H.run_header(dev), "eager": eager_name, "repeats": args.repeats, "results": results}
+    print(f"\nwrote {H.write_json(f'host_{dev.type}', payload)}")
+
+
+def run(args: argparse.Namespace) -> None:
+    H.configure_malloc(args.malloc)
+    for dev in H.devices(args.device):
+        run_device(dev, args)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
