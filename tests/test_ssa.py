@@ -141,11 +141,14 @@ def test_backward_keeps_q_k_v_as_bits(backend):
     assert sum(saved.values()) == 3 * q.numel() // 8  # 1 bit per spike, d = 64: no padding
 
 
-def test_non_binary_input_is_rejected_on_every_backend():
+@pytest.mark.parametrize("bad_value", [0.5, 1.0001, float("nan")])  # 1.0001 is 1 in fp16: checked before any cast
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_non_binary_input_is_rejected_on_every_backend(which, bad_value):
     for backend in KERNEL_BACKENDS + ("torch",):
-        q, k, v = qkv((2, 1, 1, 8, 4), device=device_for(backend) if backend != "torch" else "cpu")
+        tensors = qkv((2, 1, 1, 8, 4), device=device_for(backend) if backend != "torch" else "cpu")
+        tensors[which][1, 0, 0, 5, 2] = bad_value  # one value, at the last step
         with pytest.raises(ValueError, match="0 and 1"):
-            spikeops.ssa(q, k * 0.5, v, backend=backend)
+            spikeops.ssa(*tensors, backend=backend)
 
 
 def test_bad_shapes_and_settings_are_rejected():

@@ -15,20 +15,13 @@ BLOCK_R = 32
 
 
 def pack_spikes(x, check):
-    """x [R, n] contiguous 0./1. -> (int64 words [R, ceil(n/64)], all values 0 or 1)."""
-    words, bad = pack_with_flags(x, check)
-    return words, not (check and bool(bad.any()))
-
-
-def pack_with_flags(x, check):
-    """pack_spikes without reading the check back: (words, int32 flags on the device, nonzero where
-    a value was not 0/1), for callers that read several checks with one host sync."""
+    """x [R, n] contiguous 0./1. -> (int64 words [R, ceil(n/64)], all values 0 or 1; True unchecked)."""
     R, n = x.shape
     W = triton.cdiv(n, 64)
     words = torch.empty((R, W), device=x.device, dtype=torch.int64)
-    bad = torch.zeros((triton.cdiv(R, BLOCK_R), W), device=x.device, dtype=torch.int32)
+    bad = torch.zeros((triton.cdiv(R, BLOCK_R), W), device=x.device, dtype=torch.int32) if check else words
     _pack_kernel[(triton.cdiv(R, BLOCK_R), W)](x, words, bad, R, n, W, CHECK=bool(check), BLOCK_R=BLOCK_R)
-    return words, bad
+    return words, not (check and bool(bad.any()))
 
 
 def unpack_spikes(words, n, dtype):

@@ -7,7 +7,8 @@ and multiplied with ``tl.dot`` (fp32 accumulation: exact integer counts).
   rows; no N x N map), then Y = Q (K^T V). K^T V entries reach N, beyond fp16's exact integers
   (2048), so it enters the second dot split as 2048 * hi + lo, both exact in fp16.
 - ``N <= d``: A = Q K^T [BLOCK_N, BLOCK_M] (entries <= d) then Y += A V, over blocks of N.
-q, k, v are also packed (and checked to be 0/1) by the pack kernel, for the backward pass.
+The programs also check that the values they load are 0/1 (one int32 flag, cleared by any that
+finds one that is not); q, k, v are packed by the pack kernel only when backward needs them.
 
 Backward (d <= 64: one word of bits per row): one program per (batch, head), from the packed
 q, k, v, in three passes over the head, with fp32 scratch in global memory:
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from spikeops.ops.lif import ATTENTION_NEURON
 from spikeops.triton.lif import lif_backward, lif_grad_step, lif_state
-from spikeops.triton.pack import pack_with_flags, unpack_spikes
+from spikeops.triton.pack import pack_spikes, unpack_spikes
 
 BLOCK_N = 32
 BLOCK_M = 32
@@ -35,20 +36,23 @@ FUSED_BACKWARD_MAX_D = 64  # one int64 word of bits per row
 
 def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
     """q, k, v [T, BH, N, d] contiguous -> (spikes, q/k/v words [T, BH, N, ceil(d/64)] or empty,
-    all 0/1 as a 0-d bool tensor on the device: the caller reads it back only if it must check)."""
+    all 0/1: an int32 [1] flag on the device, nonzero when they are; the caller reads it back only
+    if it must check, as that is a host sync)."""
     T, BH, N, d = q.shape
-    packed = [pack_with_flags(x.view(-1, d), True) for x in (q, k, v)]
-    binary = ~torch.stack([bad.any() for _, bad in packed]).any()
-    words = [w.view(T, BH, N, -1) if save_packed else w.new_empty((0,)) for w, _ in packed]
     out = torch.empty_like(q)
+    all_binary = torch.ones(1, device=q.device, dtype=torch.int32)
     block_d = max(16, triton.next_power_of_2(d))
     grid = (BH, triton.cdiv(N, BLOCK_N))
     _ssa_forward_kernel[grid](
-        q, k, v, out, T, BH, N, d, float(scale), float(v_threshold), float(tau),
+        q, k, v, out, all_binary, T, BH, N, d, float(scale), float(v_threshold), float(tau),
         KV_FIRST=N > d, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d,
         enable_fp_fusion=False,  # y * scale - V must round twice, as in the reference (no FMA)
     )
-    return (out, *words, binary)
+    if save_packed:
+        words = [pack_spikes(x.view(-1, d), False)[0].view(T, BH, N, -1) for x in (q, k, v)]
+    else:
+        words = [q.new_empty((0,), dtype=torch.int64) for _ in range(3)]
+    return (out, *words, all_binary)
 
 
 def ssa_backward(grad, qw, kw, vw, scale, v_threshold, tau):
@@ -101,6 +105,23 @@ def _exact_product(q, kv):
 
 
 @triton.jit
+def _not_binary(x):
+    """1 where x is neither 0 nor 1 (NaN included), else 0 (int32)."""
+    return ((x != 0.0) & (x != 1.0)).to(tl.int32)
+
+
+@triton.jit
+def _key_block(k_ptr, v_ptr, m0, cols, N, d, BLOCK_M: tl.constexpr):
+    """Rows m0 .. m0 + BLOCK_M of one (t, head)'s k and v [N, d] as fp16 0/1 tiles (0 past N, d),
+    and 1 where either held a value that is not 0/1."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    mask = (m[:, None] < N) & (cols[None, :] < d)
+    k = tl.load(k_ptr + m[:, None] * d + cols[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + m[:, None] * d + cols[None, :], mask=mask, other=0.0)
+    return k.to(tl.float16), v.to(tl.float16), _not_binary(k) | _not_binary(v)
+
+
+@triton.jit
 def _unpack_rows(words_ptr, rows, cols, N, DTYPE: tl.constexpr):
     """Rows ``rows`` of a [N, 1] word tile as 0/1 [len(rows), len(cols)] of DTYPE (0 past N)."""
     w = tl.load(words_ptr + rows, mask=rows < N, other=0)
@@ -110,7 +131,7 @@ def _unpack_rows(words_ptr, rows, cols, N, DTYPE: tl.constexpr):
 
 @triton.jit
 def _ssa_forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, T, BH, N, d, scale, v_threshold, tau,
+    q_ptr, k_ptr, v_ptr, out_ptr, all_binary_ptr, T, BH, N, d, scale, v_threshold, tau,
     KV_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -119,25 +140,25 @@ def _ssa_forward_kernel(
     row_mask = (rows[:, None] < N) & (cols[None, :] < d)
     tau_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32) + tau
     vmem = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    bad_rows = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.int32)  # 1 where a loaded q (k, v) value was not 0/1
+    bad_keys = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
     for t in range(T):
         base = (t * BH + bh) * N * d
-        q = tl.load(q_ptr + base + rows[:, None] * d + cols[None, :], mask=row_mask, other=0.0).to(tl.float16)
+        q = tl.load(q_ptr + base + rows[:, None] * d + cols[None, :], mask=row_mask, other=0.0)
+        bad_rows |= _not_binary(q)
+        q = q.to(tl.float16)
         if KV_FIRST:
             kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
             for m0 in range(0, N, BLOCK_M):
-                m = m0 + tl.arange(0, BLOCK_M)
-                m_mask = (m[:, None] < N) & (cols[None, :] < d)
-                k = tl.load(k_ptr + base + m[:, None] * d + cols[None, :], mask=m_mask, other=0.0).to(tl.float16)
-                v = tl.load(v_ptr + base + m[:, None] * d + cols[None, :], mask=m_mask, other=0.0).to(tl.float16)
+                k, v, bad = _key_block(k_ptr + base, v_ptr + base, m0, cols, N, d, BLOCK_M)
+                bad_keys |= bad
                 kv += tl.dot(tl.trans(k), v)
             y = _exact_product(q, kv)
         else:
             y = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for m0 in range(0, N, BLOCK_M):
-                m = m0 + tl.arange(0, BLOCK_M)
-                m_mask = (m[:, None] < N) & (cols[None, :] < d)
-                k = tl.load(k_ptr + base + m[:, None] * d + cols[None, :], mask=m_mask, other=0.0).to(tl.float16)
-                v = tl.load(v_ptr + base + m[:, None] * d + cols[None, :], mask=m_mask, other=0.0).to(tl.float16)
+                k, v, bad = _key_block(k_ptr + base, v_ptr + base, m0, cols, N, d, BLOCK_M)
+                bad_keys |= bad
                 a = tl.dot(q, tl.trans(k))
                 y += tl.dot(a.to(tl.float16), v)
         y = y * scale
@@ -146,6 +167,8 @@ def _ssa_forward_kernel(
         tl.store(out_ptr + base + rows[:, None] * d + cols[None, :],
                  tl.where(fire, 1.0, 0.0).to(out_ptr.dtype.element_ty), mask=row_mask)
         vmem = tl.where(fire, 0.0, h)
+    bad = tl.max(tl.max(bad_rows, axis=1), axis=0) | tl.max(tl.max(bad_keys, axis=1), axis=0)
+    tl.atomic_min(all_binary_ptr, 1 - bad)
 
 
 @triton.jit
