@@ -124,7 +124,7 @@ class PatchEmbedStem(nn.Module):
         y = self.conv1(s0)
         if self.conv2 is not None:
             y = self.conv2(y)
-        return y + self.shortcut(s0)
+        return add_counts(y, self.shortcut(s0))
 
 
 class PatchEmbedDown(nn.Module):
@@ -143,7 +143,7 @@ class PatchEmbedDown(nn.Module):
         self.shortcut = ConvBNPoolLIF(in_dim, dim, 1, stride=2, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv1(self.conv0(x)) + self.shortcut(x)
+        return add_counts(self.conv1(self.conv0(x)), self.shortcut(x))
 
 
 class TokenAttentionBlock(nn.Module):

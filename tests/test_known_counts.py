@@ -102,6 +102,9 @@ def test_attention_ops_still_reject_known_spikes_written_to_afterwards(backend):
 @pytest.mark.parametrize("name,kwargs", [
     ("spikformer_cifar_4_384", dict(depth=1, dim=64, num_heads=2)),
     ("spikformer_v2_8_384", dict(depth=2, dim=64, num_heads=2, img_size=32)),
+    ("msvit_cifar_4_384", dict(embed_dim=64, num_heads=2, depths=(1, 1, 1), T=2)),  # stems with shortcut sums
+    ("qkformer_cifar_4_384", dict(embed_dim=64, num_heads=2, depths=(1, 1, 1), T=2)),
+    ("msvit_10_384", dict(embed_dim=96, num_heads=4, depths=(1, 1, 1), img_size=32, T=1)),  # ImageNet-style stem
 ])
 def test_a_training_step_of_the_models_checks_no_layer_input_values(monkeypatch, name, kwargs):
     """Every Spike* layer input in these models is spikes or a residual sum of spikes, known so:
