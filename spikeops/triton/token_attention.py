@@ -19,18 +19,19 @@ ALPHA = 4.0  # sigmoid surrogate of the attention neuron
 
 def token_attention_forward(q, k, p, v_threshold, tau, save_h):
     """q, k, p [T, BH, N, d] -> (out, H [T, BH, N] fp32 and k packed [T*BH*N, ceil(d/64)] (empty
-    unless save_h), all inputs 0/1)."""
+    unless save_h), all inputs 0/1: an int32 [1] flag on the device, nonzero when they are)."""
     T, BH, N, d = q.shape
     out = torch.empty_like(q)
     h = torch.empty((T, BH, N) if save_h else (0,), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(BH * N, BLOCK_T),)
-    bad = torch.zeros(grid, device=q.device, dtype=torch.int32)
+    all_binary = torch.ones(1, device=q.device, dtype=torch.int32)
     _forward_kernel[grid](
-        q, k, p if p is not None else q, out, h if save_h else out, bad, T, BH * N, d, float(v_threshold), float(tau),
+        q, k, p if p is not None else q, out, h if save_h else out, all_binary, T, BH * N, d, float(v_threshold),
+        float(tau),
         HAS_P=p is not None, SAVE_H=bool(save_h), BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(d),
     )
     k_words = pack_spikes(k.view(-1, d), False)[0] if save_h else k.new_empty((0,), dtype=torch.int64)
-    return out, h, k_words, ~bad.any()
+    return out, h, k_words, all_binary
 
 
 def token_attention_backward(grad_out, k_words, h, v_threshold, tau):
@@ -49,18 +50,19 @@ def token_attention_backward(grad_out, k_words, h, v_threshold, tau):
 
 def token_attention_cf_forward(q, k, p, v_threshold, tau, save):
     """The channels-first layout: q, k, p [T, BH, d, N] contiguous -> (out, H [T, BH, N] fp32 and k
-    packed along N [T*BH*d, ceil(N/64)] (empty unless save), all inputs 0/1)."""
+    packed along N [T*BH*d, ceil(N/64)] (empty unless save), all inputs 0/1 as token_attention_forward)."""
     T, BH, d, N = q.shape
     W = triton.cdiv(N, 64)
     out = torch.empty_like(q)
     h = torch.empty((T, BH, N) if save else (0,), device=q.device, dtype=torch.float32)
     k_words = torch.empty((T * BH * d, W) if save else (0,), device=q.device, dtype=torch.int64)
-    bad = torch.zeros((BH, W), device=q.device, dtype=torch.int32)
+    all_binary = torch.ones(1, device=q.device, dtype=torch.int32)
     _cf_forward_kernel[(BH, W)](
-        q, k, p if p is not None else q, out, h if save else out, k_words if save else bad, bad, T, BH, d, N, W,
+        q, k, p if p is not None else q, out, h if save else out, k_words if save else all_binary, all_binary,
+        T, BH, d, N, W,
         float(v_threshold), float(tau), HAS_P=p is not None, SAVE=bool(save), BLOCK_D=triton.next_power_of_2(d),
     )
-    return out, h, k_words, ~bad.any()
+    return out, h, k_words, all_binary
 
 
 def token_attention_cf_backward(grad_out, k_words, h, v_threshold, tau):
@@ -111,7 +113,7 @@ def _step_inputs(q_ptr, k_ptr, p_ptr, offs, mask, bad, HAS_P: tl.constexpr, AXIS
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, bad_ptr, T, R, d, v_threshold, tau,
+    q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, all_binary_ptr, T, R, d, v_threshold, tau,
     HAS_P: tl.constexpr, SAVE_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -128,7 +130,7 @@ def _forward_kernel(
         if SAVE_H:
             tl.store(h_ptr + t * R + rows, h, mask=rows < R)
         tl.store(out_ptr + offs, tl.where(fire[:, None], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(bad_ptr + pid, tl.max(tl.max(bad, axis=1), axis=0))
+    tl.atomic_min(all_binary_ptr, 1 - tl.max(tl.max(bad, axis=1), axis=0))
 
 
 @triton.jit
@@ -155,7 +157,7 @@ def _backward_kernel(
 
 @triton.jit
 def _cf_forward_kernel(
-    q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, kw_ptr, bad_ptr, T, BH, d, N, W, v_threshold, tau,
+    q_ptr, k_ptr, p_ptr, out_ptr, h_ptr, kw_ptr, all_binary_ptr, T, BH, d, N, W, v_threshold, tau,
     HAS_P: tl.constexpr, SAVE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: the 64 tokens of word column w of one head, over all t; a [BLOCK_D, 64] tile
@@ -178,7 +180,7 @@ def _cf_forward_kernel(
             bits = tl.where(k != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
             tl.store(kw_ptr + (block * d + rows) * W + w, tl.sum(bits, axis=1), mask=rows < d)
         tl.store(out_ptr + offs, tl.where(fire[None, :], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(bad_ptr + bh * W + w, tl.max(tl.max(bad, axis=1), axis=0))
+    tl.atomic_min(all_binary_ptr, 1 - tl.max(tl.max(bad, axis=1), axis=0))
 
 
 @triton.jit
