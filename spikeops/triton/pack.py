@@ -4,6 +4,8 @@ pack: each program reads a [BLOCK_R, 64] tile of x (rows x one word's elements),
 nonzero flags into bit weights ``1 << j`` and sums them into one int64 word per row (distinct
 powers of two: the sum is the OR). It also flags any value that is neither 0 nor 1.
 unpack: the inverse, ``(word >> j) & 1`` for j < 64.
+The 0/1 test (:func:`not_binary`) and the one-flag report of it (:func:`new_binary_flag`,
+:func:`clear_flag_if_any`) are shared with the attention kernels, which check what they load.
 """
 from __future__ import annotations
 
@@ -43,8 +45,7 @@ def _pack_kernel(x_ptr, words_ptr, bad_ptr, R, n, W, CHECK: tl.constexpr, BLOCK_
     bits = tl.where(x != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
     tl.store(words_ptr + rows * W + w, tl.sum(bits, axis=1), mask=rows < R)
     if CHECK:
-        bad = tl.max(tl.where((x != 0.0) & (x != 1.0), 1, 0))
-        tl.store(bad_ptr + pid_r * W + w, bad)
+        tl.store(bad_ptr + pid_r * W + w, tl.max(tl.max(not_binary(x), axis=1), axis=0))
 
 
 @triton.jit
@@ -57,3 +58,20 @@ def _unpack_kernel(words_ptr, out_ptr, R, n, W, BLOCK_R: tl.constexpr):
     mask = (rows[:, None] < R) & (cols[None, :] < n)
     spikes = tl.where(bits != 0, 1.0, 0.0)  # via fp32: the interpreter mis-casts int -> bf16
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], spikes.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def new_binary_flag(device):
+    """An int32 [1] flag, 1 ("all values 0/1") until a kernel clears it (:func:`clear_flag_if_any`)."""
+    return torch.ones(1, device=device, dtype=torch.int32)
+
+
+@triton.jit
+def not_binary(x):
+    """1 where x is neither 0 nor 1 (NaN included), else 0 (int32)."""
+    return ((x != 0.0) & (x != 1.0)).to(tl.int32)
+
+
+@triton.jit
+def clear_flag_if_any(flag_ptr, bad):
+    """Sets the new_binary_flag at flag_ptr to 0 if any entry of bad [M, N] (0/1) is set."""
+    tl.atomic_min(flag_ptr, 1 - tl.max(tl.max(bad, axis=1), axis=0))

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from spikeops.ops.lif import ATTENTION_NEURON
 from spikeops.triton.lif import lif_backward, lif_grad_step, lif_state
-from spikeops.triton.pack import pack_spikes, unpack_spikes
+from spikeops.triton.pack import clear_flag_if_any, new_binary_flag, not_binary, pack_spikes, unpack_spikes
 
 BLOCK_N = 32
 BLOCK_M = 32
@@ -40,7 +40,7 @@ def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
     if it must check, as that is a host sync)."""
     T, BH, N, d = q.shape
     out = torch.empty_like(q)
-    all_binary = torch.ones(1, device=q.device, dtype=torch.int32)
+    all_binary = new_binary_flag(q.device)
     block_d = max(16, triton.next_power_of_2(d))
     grid = (BH, triton.cdiv(N, BLOCK_N))
     _ssa_forward_kernel[grid](
@@ -105,12 +105,6 @@ def _exact_product(q, kv):
 
 
 @triton.jit
-def _not_binary(x):
-    """1 where x is neither 0 nor 1 (NaN included), else 0 (int32)."""
-    return ((x != 0.0) & (x != 1.0)).to(tl.int32)
-
-
-@triton.jit
 def _key_block(k_ptr, v_ptr, m0, cols, N, d, BLOCK_M: tl.constexpr):
     """Rows m0 .. m0 + BLOCK_M of one (t, head)'s k and v [N, d] as fp16 0/1 tiles (0 past N, d),
     and 1 where either held a value that is not 0/1."""
@@ -118,7 +112,7 @@ def _key_block(k_ptr, v_ptr, m0, cols, N, d, BLOCK_M: tl.constexpr):
     mask = (m[:, None] < N) & (cols[None, :] < d)
     k = tl.load(k_ptr + m[:, None] * d + cols[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + m[:, None] * d + cols[None, :], mask=mask, other=0.0)
-    return k.to(tl.float16), v.to(tl.float16), _not_binary(k) | _not_binary(v)
+    return k.to(tl.float16), v.to(tl.float16), not_binary(k) | not_binary(v)
 
 
 @triton.jit
@@ -145,7 +139,7 @@ def _ssa_forward_kernel(
     for t in range(T):
         base = (t * BH + bh) * N * d
         q = tl.load(q_ptr + base + rows[:, None] * d + cols[None, :], mask=row_mask, other=0.0)
-        bad_rows |= _not_binary(q)
+        bad_rows |= not_binary(q)
         q = q.to(tl.float16)
         if KV_FIRST:
             kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
@@ -167,8 +161,8 @@ def _ssa_forward_kernel(
         tl.store(out_ptr + base + rows[:, None] * d + cols[None, :],
                  tl.where(fire, 1.0, 0.0).to(out_ptr.dtype.element_ty), mask=row_mask)
         vmem = tl.where(fire, 0.0, h)
-    bad = tl.max(tl.max(bad_rows, axis=1), axis=0) | tl.max(tl.max(bad_keys, axis=1), axis=0)
-    tl.atomic_min(all_binary_ptr, 1 - bad)
+    clear_flag_if_any(all_binary_ptr, bad_rows)
+    clear_flag_if_any(all_binary_ptr, bad_keys)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikeops.triton.pack import pack_spikes, unpack_spikes
+from spikeops.triton.pack import clear_flag_if_any, new_binary_flag, not_binary, pack_spikes, unpack_spikes
 
 BLOCK_T = 32
 ALPHA = 4.0  # sigmoid surrogate of the attention neuron
@@ -24,7 +24,7 @@ def token_attention_forward(q, k, p, v_threshold, tau, save_h):
     out = torch.empty_like(q)
     h = torch.empty((T, BH, N) if save_h else (0,), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(BH * N, BLOCK_T),)
-    all_binary = torch.ones(1, device=q.device, dtype=torch.int32)
+    all_binary = new_binary_flag(q.device)
     _forward_kernel[grid](
         q, k, p if p is not None else q, out, h if save_h else out, all_binary, T, BH * N, d, float(v_threshold),
         float(tau),
@@ -56,7 +56,7 @@ def token_attention_cf_forward(q, k, p, v_threshold, tau, save):
     out = torch.empty_like(q)
     h = torch.empty((T, BH, N) if save else (0,), device=q.device, dtype=torch.float32)
     k_words = torch.empty((T * BH * d, W) if save else (0,), device=q.device, dtype=torch.int64)
-    all_binary = torch.ones(1, device=q.device, dtype=torch.int32)
+    all_binary = new_binary_flag(q.device)
     _cf_forward_kernel[(BH, W)](
         q, k, p if p is not None else q, out, h if save else out, k_words if save else all_binary, all_binary,
         T, BH, d, N, W,
@@ -102,11 +102,11 @@ def _step_inputs(q_ptr, k_ptr, p_ptr, offs, mask, bad, HAS_P: tl.constexpr, AXIS
     with every value of q, k, p that is neither 0 nor 1 flagged."""
     q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    bad |= tl.where(((q != 0.0) & (q != 1.0)) | ((k != 0.0) & (k != 1.0)), 1, 0)
+    bad |= not_binary(q) | not_binary(k)
     s = tl.sum(q, axis=AXIS)
     if HAS_P:
         pv = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        bad |= tl.where((pv != 0.0) & (pv != 1.0), 1, 0)
+        bad |= not_binary(pv)
         s = s + tl.sum(pv, axis=AXIS)
     return k, s, bad
 
@@ -130,7 +130,7 @@ def _forward_kernel(
         if SAVE_H:
             tl.store(h_ptr + t * R + rows, h, mask=rows < R)
         tl.store(out_ptr + offs, tl.where(fire[:, None], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.atomic_min(all_binary_ptr, 1 - tl.max(tl.max(bad, axis=1), axis=0))
+    clear_flag_if_any(all_binary_ptr, bad)
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _cf_forward_kernel(
             bits = tl.where(k != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
             tl.store(kw_ptr + (block * d + rows) * W + w, tl.sum(bits, axis=1), mask=rows < d)
         tl.store(out_ptr + offs, tl.where(fire[None, :], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.atomic_min(all_binary_ptr, 1 - tl.max(tl.max(bad, axis=1), axis=0))
+    clear_flag_if_any(all_binary_ptr, bad)
 
 
 @triton.jit
