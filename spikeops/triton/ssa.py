@@ -10,12 +10,13 @@ and multiplied with ``tl.dot`` (fp32 accumulation: exact integer counts).
 The programs also check that the values they load are 0/1 (one int32 flag, cleared by any that
 finds one that is not); q, k, v are packed by the pack kernel only when backward needs them.
 
-Backward (d <= 64: one word of bits per row): one program per (batch, head), from the packed
-q, k, v, in three passes over the head, with fp32 scratch in global memory:
-  1. K^T V of every step (unpacked bit tiles, ``tl.dot``)                  -> kv  [T, BH, D, D]
-  2. the forward's H again, row block by row block, potential in registers -> h   [T, BH, N, d]
-  3. t = T-1..0: G = scale * LIF backward (the LIF kernel's step), dL/dV carried in gv [BH, N, d];
-     dQ = G (K^T V)^T and dA = Q^T G over the row blocks, then dK = V dA^T, dV = K dA.
+Backward (d <= 64: one word of bits per row), from the packed q, k, v, in three kernels with fp32
+scratch in global memory, each parallel over the head's steps or row blocks:
+  1. per (t, batch * head): K^T V from the bits                                -> kv [T, BH, D, D]
+  2. per (batch * head, BLOCK_N rows): the forward's H again (potential in registers; H kept in
+     dk's buffer), then t = T-1..0: G = scale * LIF backward (the LIF kernel's step, dL/dV in
+     registers), dQ = G (K^T V)^T                                               -> G  [T, BH, N, d]
+  3. per (t, batch * head): dA = Q^T G over the rows, then dK = V dA^T, dV = K dA.
 The float products run with ``input_precision="ieee"`` (TF32 would miss the 1e-5 gradient
 tolerance). Wider heads: unpack, the LIF kernels and torch matmuls.
 """
@@ -65,19 +66,20 @@ def ssa_backward(grad, qw, kw, vw, scale, v_threshold, tau):
 
 
 def ssa_backward_fused(grad, qw, kw, vw, scale, v_threshold, tau):
-    """ssa_backward in one kernel (fp32 grad, d <= FUSED_BACKWARD_MAX_D)."""
+    """ssa_backward in three kernels (fp32 grad, d <= FUSED_BACKWARD_MAX_D)."""
     T, BH, N, d = grad.shape
     v_reset, hard, decay_input, detach_reset, surrogate, alpha = ATTENTION_NEURON
     block_d = max(16, triton.next_power_of_2(d))
-    dq, dk, dv, h = (torch.empty_like(grad) for _ in range(4))
-    gv = torch.empty((BH, N, d), device=grad.device, dtype=torch.float32)
+    dq, dk, dv, gy = (torch.empty_like(grad) for _ in range(4))
     kv = torch.empty((T, BH, block_d, block_d), device=grad.device, dtype=torch.float32)
-    _ssa_backward_kernel[(BH,)](
-        grad, qw, kw, vw, dq, dk, dv, h, gv, kv, T, BH, N, d, float(scale), float(v_threshold), float(tau),
+    _key_value_product_kernel[(T * BH,)](kw, vw, kv, N, BLOCK_N=BLOCK_N, BLOCK_D=block_d)
+    _neuron_backward_kernel[(BH, triton.cdiv(N, BLOCK_N))](
+        grad, qw, kv, dq, gy, dk, T, BH, N, d, float(scale), float(v_threshold), float(tau),  # H in dk
         float(v_reset), float(alpha), HARD=hard, DECAY_INPUT=decay_input, DETACH_RESET=detach_reset,
         SURROGATE=surrogate, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         enable_fp_fusion=False,  # H recomputed as the forward rounds it (its spikes gate the gradient)
     )
+    _key_value_grad_kernel[(T * BH,)](gy, qw, kw, vw, dk, dv, N, d, BLOCK_N=BLOCK_N, BLOCK_D=block_d)
     return dq, dk, dv
 
 
@@ -166,68 +168,78 @@ def _ssa_forward_kernel(
 
 
 @triton.jit
-def _ssa_backward_kernel(
-    g_ptr, qw_ptr, kw_ptr, vw_ptr, dq_ptr, dk_ptr, dv_ptr, h_ptr, gv_ptr, kv_ptr,
-    T, BH, N, d, scale, v_threshold, tau, v_reset, alpha, HARD: tl.constexpr, DECAY_INPUT: tl.constexpr,
-    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Passes 1-2 recompute the forward (the attention neuron: hard reset to 0, decay_input); the
-    neuron's backward takes its settings (spikeops.ops.lif.ATTENTION_NEURON) as arguments."""
-    bh = tl.program_id(0).to(tl.int64)
+def _key_value_product_kernel(kw_ptr, vw_ptr, kv_ptr, N, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass 1, one program per (t, batch * head): K^T V from the bits -> kv [BLOCK_D, BLOCK_D]."""
+    step = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
+    kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, N, BLOCK_N):
+        k = _unpack_rows(kw_ptr + step * N, m0 + r, cols, N, tl.float16)
+        v = _unpack_rows(vw_ptr + step * N, m0 + r, cols, N, tl.float16)
+        kv += tl.dot(tl.trans(k), v)
+    tl.store(kv_ptr + step * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], kv)
+
+
+@triton.jit
+def _neuron_backward_kernel(
+    g_ptr, qw_ptr, kv_ptr, dq_ptr, gy_ptr, h_ptr, T, BH, N, d, scale, v_threshold, tau, v_reset, alpha,
+    HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Passes 2-3 for BLOCK_N rows of one (batch, head). The forward's attention neuron is a hard
+    reset to 0 with decay_input; the backward takes its settings (ATTENTION_NEURON) as arguments."""
+    bh, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < N) & (cols[None, :] < d)
+    tile = rows[:, None] * d + cols[None, :]
     kv_tile = cols[:, None] * BLOCK_D + cols[None, :]
     tau_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32) + tau
-    # 1. K^T V of every step
-    for t in range(T):
-        words = (t * BH + bh) * N
-        kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-        for m0 in range(0, N, BLOCK_N):
-            k = _unpack_rows(kw_ptr + words, m0 + r, cols, N, tl.float16)
-            v = _unpack_rows(vw_ptr + words, m0 + r, cols, N, tl.float16)
-            kv += tl.dot(tl.trans(k), v)
-        tl.store(kv_ptr + (t * BH + bh) * BLOCK_D * BLOCK_D + kv_tile, kv)
-    tl.debug_barrier()  # the scratch written by one thread is read by others below
     # 2. H of every step, as the forward computes it
+    vmem = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for t in range(T):
+        step = t * BH + bh
+        q = _unpack_rows(qw_ptr + step * N, rows, cols, N, tl.float16)
+        y = _exact_product(q, tl.load(kv_ptr + step * BLOCK_D * BLOCK_D + kv_tile)) * scale
+        h = vmem + tl.math.div_rn(y - vmem, tau_v)
+        tl.store(h_ptr + step * N * d + tile, h, mask=mask)
+        vmem = tl.where((h - v_threshold) >= 0.0, 0.0, h)
+    tl.debug_barrier()  # h is read back below, in the same layout, by this program only
+    # 3. t = T-1 .. 0, dL/dV carried in registers
+    gv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(T):
+        step = (T - 1 - i) * BH + bh
+        h = tl.load(h_ptr + step * N * d + tile, mask=mask, other=0.0)
+        gs = tl.load(g_ptr + step * N * d + tile, mask=mask, other=0.0)
+        gy, gv = lif_grad_step((h - v_threshold) + 0.0, gs, gv, tau_v, v_threshold, v_reset, alpha,
+                               HARD, DECAY_INPUT, DETACH_RESET, SURROGATE)
+        g = tl.where(mask, gy * scale, 0.0)
+        tl.store(gy_ptr + step * N * d + tile, g, mask=mask)
+        kv = tl.load(kv_ptr + step * BLOCK_D * BLOCK_D + kv_tile)
+        tl.store(dq_ptr + step * N * d + tile, tl.dot(g, tl.trans(kv), input_precision="ieee"), mask=mask)
+
+
+@triton.jit
+def _key_value_grad_kernel(
+    gy_ptr, qw_ptr, kw_ptr, vw_ptr, dk_ptr, dv_ptr, N, d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 4, one program per (t, batch * head): dA = Q^T G over the rows, dK = V dA^T, dV = K dA."""
+    step = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    da = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # dL/d(K^T V)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + r
         mask = (rows[:, None] < N) & (cols[None, :] < d)
-        tile = rows[:, None] * d + cols[None, :]
-        vmem = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for t in range(T):
-            q = _unpack_rows(qw_ptr + (t * BH + bh) * N, rows, cols, N, tl.float16)
-            kv = tl.load(kv_ptr + (t * BH + bh) * BLOCK_D * BLOCK_D + kv_tile)
-            y = _exact_product(q, kv) * scale
-            h = vmem + tl.math.div_rn(y - vmem, tau_v)
-            tl.store(h_ptr + (t * BH + bh) * N * d + tile, h, mask=mask)
-            vmem = tl.where((h - v_threshold) >= 0.0, 0.0, h)
-    tl.debug_barrier()
-    # 3. t = T-1 .. 0
-    for i in range(T):
-        t = T - 1 - i
-        step = (t * BH + bh) * N
-        kv = tl.load(kv_ptr + (t * BH + bh) * BLOCK_D * BLOCK_D + kv_tile)
-        da = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)  # dL/d(K^T V)
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + r
-            mask = (rows[:, None] < N) & (cols[None, :] < d)
-            tile = rows[:, None] * d + cols[None, :]
-            h = tl.load(h_ptr + step * d + tile, mask=mask, other=0.0)
-            gs = tl.load(g_ptr + step * d + tile, mask=mask, other=0.0)
-            gv = tl.load(gv_ptr + bh * N * d + tile, mask=mask & (i > 0), other=0.0)
-            gy, gv = lif_grad_step((h - v_threshold) + 0.0, gs, gv, tau_v, v_threshold, v_reset, alpha,
-                                   HARD, DECAY_INPUT, DETACH_RESET, SURROGATE)
-            tl.store(gv_ptr + bh * N * d + tile, gv, mask=mask)
-            g = tl.where(mask, gy * scale, 0.0)
-            q = _unpack_rows(qw_ptr + step, rows, cols, N, tl.float32)
-            tl.store(dq_ptr + step * d + tile, tl.dot(g, tl.trans(kv), input_precision="ieee"), mask=mask)
-            da += tl.dot(tl.trans(q), g, input_precision="ieee")
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + r
-            mask = (rows[:, None] < N) & (cols[None, :] < d)
-            tile = rows[:, None] * d + cols[None, :]
-            k = _unpack_rows(kw_ptr + step, rows, cols, N, tl.float32)
-            v = _unpack_rows(vw_ptr + step, rows, cols, N, tl.float32)
-            tl.store(dk_ptr + step * d + tile, tl.dot(v, tl.trans(da), input_precision="ieee"), mask=mask)
-            tl.store(dv_ptr + step * d + tile, tl.dot(k, da, input_precision="ieee"), mask=mask)
-        tl.debug_barrier()  # gv of step t is read by other threads at step t - 1
+        g = tl.load(gy_ptr + step * N * d + rows[:, None] * d + cols[None, :], mask=mask, other=0.0)
+        q = _unpack_rows(qw_ptr + step * N, rows, cols, N, tl.float32)
+        da += tl.dot(tl.trans(q), g, input_precision="ieee")
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + r
+        mask = (rows[:, None] < N) & (cols[None, :] < d)
+        tile = step * N * d + rows[:, None] * d + cols[None, :]
+        k = _unpack_rows(kw_ptr + step * N, rows, cols, N, tl.float32)
+        v = _unpack_rows(vw_ptr + step * N, rows, cols, N, tl.float32)
+        tl.store(dk_ptr + tile, tl.dot(v, tl.trans(da), input_precision="ieee"), mask=mask)
+        tl.store(dv_ptr + tile, tl.dot(k, da, input_precision="ieee"), mask=mask)
