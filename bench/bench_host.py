@@ -29,6 +29,7 @@ from bench import harness as H
 from bench.bench_ssa import Block, EagerBlock, copy_weights as copy_block_weights
 from bench.bench_token_attention import EagerTokenAttention, copy_weights as copy_attention_weights
 from bench.eager import SJ_ERROR, reset, sjlif
+from spikeops.ops.known_counts import mark_counts
 
 T, B, N, D, HEADS = 2, 1, 16, 32, 2
 DENSITY = 0.3
@@ -50,7 +51,7 @@ def pairs(dev: torch.device) -> dict[str, tuple[nn.Module, nn.Module, tuple[int,
 
 
 def calls(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    xg = x.detach().clone().requires_grad_(True)
+    xg = mark_counts(x.detach().clone().requires_grad_(True))  # as x: spikes a spikeops layer made
 
     def fwd():
         reset(module)
@@ -65,7 +66,8 @@ def calls(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object]]
 
 
 def measure(sp: nn.Module, ea: nn.Module, shape, args, dev: torch.device) -> dict:
-    x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) < DENSITY).float().to(dev)
+    # spikes as a spikeops layer hands them on inside a model (known: no value check, see known_counts)
+    x = mark_counts((torch.rand(shape, generator=torch.Generator().manual_seed(0)) < DENSITY).float().to(dev))
     entry: dict = {"shape": list(shape)}
     for kind in ("fwd", "fwd+bwd"):
         fns = {"spikeops": calls(sp, x)[kind], "eager": calls(ea, x)[kind]}

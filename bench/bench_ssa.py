@@ -54,6 +54,7 @@ from torch import nn
 import spikeops
 from bench import harness as H
 from bench.eager import SJ_ERROR, py_lif, reset, sjlif
+from spikeops.ops.known_counts import add_counts, mark_counts
 
 ATTN_SHAPES = {"cifar": (4, 8, 12, 64, 32), "imagenet": (4, 8, 8, 196, 64)}  # T, B, H, N, d
 PACK_SHAPE = (4, 32, 196, 384)
@@ -71,7 +72,8 @@ ORDERS = {"(QK^T)V": lambda q, kt, v: (q @ kt) @ v, "Q(K^TV)": lambda q, kt, v: 
 # ----------------------------------------------------------------------------- blocks
 
 class Block(nn.Module):
-    """Spikformer block from spikeops layers."""
+    """Spikformer block from spikeops layers, residual sums by ``add_counts`` as in spikeops.models
+    (so the MLP knows its input holds counts 0..2 without checking it)."""
 
     def __init__(self, D: int = BLOCK_D, heads: int = BLOCK_HEADS):
         super().__init__()
@@ -79,8 +81,8 @@ class Block(nn.Module):
         self.mlp = spikeops.nn.SpikingMLP(D, 4 * D)
 
     def forward(self, x):
-        x = x + self.attn(x)
-        return x + self.mlp(x)
+        x = add_counts(x, self.attn(x))
+        return add_counts(x, self.mlp(x))
 
 
 class EagerLBL(nn.Module):
@@ -319,7 +321,8 @@ def bench_block(dev: torch.device, dtype: torch.dtype, args) -> dict:
     if sp is not None:
         note = copy_weights(sp, ea)
     shape = (BLOCK_T, BLOCK_B, BLOCK_N, BLOCK_D)
-    x = spikes(shape, torch.Generator().manual_seed(3), dev, dtype).requires_grad_(True)
+    # spikes as a spikeops layer hands them on inside a model (known: no value check, see known_counts)
+    x = mark_counts(spikes(shape, torch.Generator().manual_seed(3), dev, dtype).requires_grad_(True))
     g = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(dev, dtype)
 
     def call(m):

@@ -86,6 +86,36 @@ def test_compact_saves_known_tensors_without_checking_their_values(monkeypatch):
         compact(torch.rand(4, 70))  # unknown: checked as before
 
 
+def test_compact_checks_an_unknown_tensor_once_until_it_is_written_to(monkeypatch):
+    checks = []
+    real = compact_mod.pack_if_binary
+    monkeypatch.setattr(compact_mod, "pack_if_binary", lambda *a, **k: checks.append(1) or real(*a, **k))
+    spikes = (torch.rand(4, 3, 70) < 0.3).float()
+    counts = torch.randint(0, 4, (4, 70)).float()
+    for x, kind in ((spikes, "bits"), (counts, "uint8")):
+        checks.clear()
+        for _ in range(3):
+            saved, meta = compact(x, dim=-1)
+            assert meta.kind == kind and torch.equal(restore(saved, meta), x)
+        assert len(checks) == 1
+        x.view(-1)[0] = 0.5  # no longer spikes or counts: checked again, saved as is
+        saved, meta = compact(x, dim=-1)
+        assert len(checks) == 2 and meta.kind == "plain" and saved is x
+        assert counts_bound(x) is None
+
+
+def test_spiking_self_attention_checks_its_unknown_input_once(monkeypatch):
+    """q, k and v project the same x: the first projection checks it, the other two know it."""
+    checks = []
+    real = compact_mod.pack_if_binary
+    monkeypatch.setattr(compact_mod, "pack_if_binary", lambda *a, **k: checks.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    attn = spikeops.nn.SpikingSelfAttention(32, 2, backend="cpp")
+    x = (torch.rand(2, 2, 16, 32) < 0.3).float().requires_grad_()
+    attn(x).sum().backward()
+    assert len(checks) == 1 and x.grad is not None
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_attention_ops_still_reject_known_spikes_written_to_afterwards(backend):
     dev = device_for(backend)

@@ -19,7 +19,8 @@ Use it as::
 
 The chosen form depends on the values, so it is picked eagerly: from what
 :mod:`spikeops.ops.known_counts` knows about ``x`` (spikes a spikeops neuron made, sums of them)
-without looking at it, else by checking the values (on a GPU a host sync). The layers that use it
+without looking at it, else by checking the values (on a GPU a host sync; the answer is then
+recorded on ``x`` as ``known_counts`` records a neuron's output, so it is checked once). The layers that use it
 (:mod:`spikeops.nn.spike_layers`) take their plain PyTorch path under ``torch.compile``.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from spikeops.ops.known_counts import counts_bound
+from spikeops.ops.known_counts import MAX_BOUND, counts_bound, mark_counts
 from spikeops.ops.pack import PackedSpikes, pack_if_binary, pack_spikes, unpack_spikes
 
 
@@ -53,11 +54,15 @@ def compact(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> tuple[torc
         return pack_spikes(x, dim=dim, check=False, backend=backend).words, meta._replace(kind="bits")
     if bound is not None:
         return x.to(torch.uint8), meta._replace(kind="uint8")
+    # checked: the answer is recorded on x, so the next layer given the same x (Spikformer's q, k
+    # and v projections) does not check it again
     packed = pack_if_binary(x, dim=dim, backend=backend)
     if packed is not None:
+        mark_counts(x, 1)
         return packed.words, meta._replace(kind="bits")
     counts = x.to(torch.uint8)
     if torch.equal(counts.to(x.dtype), x):  # exactly the integers 0..255 survive the round trip
+        mark_counts(x, MAX_BOUND)
         return counts, meta._replace(kind="uint8")
     return x, meta
 

@@ -6,7 +6,9 @@ the attention ops check that their inputs are 0/1 spikes. On a GPU every such ch
 sync: the answer decides what is saved, so the CPU waits for the GPU (a Spikformer V2 training step
 made ~90 of them). A spike tensor that a spikeops neuron has just written needs no check, and
 neither does the sum of two such tensors, whose bound is the sum of theirs. This module records
-that knowledge on the tensor itself, so it is never wrong:
+that knowledge on the tensor itself (as does :func:`spikeops.ops.compact.compact` after it has
+checked a tensor's values, so the next layer given the same tensor does not check again), so it is
+never wrong:
 
 - the record lives on the tensor a neuron returned (its root: ``x._base`` for a view) together
   with that tensor's version counter. Every view shares the counter and every in-place write
