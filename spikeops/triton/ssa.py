@@ -8,7 +8,8 @@ and multiplied with ``tl.dot`` (fp32 accumulation: exact integer counts).
   (2048), so it enters the second dot split as 2048 * hi + lo, both exact in fp16.
 - ``N <= d``: A = Q K^T [BLOCK_N, BLOCK_M] (entries <= d) then Y += A V, over blocks of N.
 The programs also check that the values they load are 0/1 (one int32 flag, cleared by any that
-finds one that is not); q, k, v are packed by the pack kernel only when backward needs them.
+finds one that is not). When backward needs them, the programs also store q, k, v packed (one
+int64 word of bits per row, d <= 64; wider heads: the pack kernel, after).
 
 Backward (d <= 64: one word of bits per row), from the packed q, k, v, in three kernels with fp32
 scratch in global memory, each parallel over the head's steps or row blocks:
@@ -43,16 +44,16 @@ def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
     out = torch.empty_like(q)
     all_binary = new_binary_flag(q.device)
     block_d = max(16, triton.next_power_of_2(d))
+    pack_here = save_packed and d <= 64  # one word per row: the kernel packs what it loads
+    words = [q.new_empty((T, BH, N, 1) if pack_here else (0,), dtype=torch.int64) for _ in range(3)]
     grid = (BH, triton.cdiv(N, BLOCK_N))
     _ssa_forward_kernel[grid](
-        q, k, v, out, all_binary, T, BH, N, d, float(scale), float(v_threshold), float(tau),
-        KV_FIRST=N > d, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d,
+        q, k, v, out, *words, all_binary, T, BH, N, d, float(scale), float(v_threshold), float(tau),
+        KV_FIRST=N > d, SAVE_WORDS=pack_here, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d,
         enable_fp_fusion=False,  # y * scale - V must round twice, as in the reference (no FMA)
     )
-    if save_packed:
+    if save_packed and not pack_here:
         words = [pack_spikes(x.view(-1, d), False)[0].view(T, BH, N, -1) for x in (q, k, v)]
-    else:
-        words = [q.new_empty((0,), dtype=torch.int64) for _ in range(3)]
     return (out, *words, all_binary)
 
 
@@ -127,9 +128,13 @@ def _unpack_rows(words_ptr, rows, cols, N, DTYPE: tl.constexpr):
 
 @triton.jit
 def _ssa_forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, all_binary_ptr, T, BH, N, d, scale, v_threshold, tau,
-    KV_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, out_ptr, qw_ptr, kw_ptr, vw_ptr, all_binary_ptr, T, BH, N, d, scale, v_threshold, tau,
+    KV_FIRST: tl.constexpr, SAVE_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    """SAVE_WORDS (d <= 64): also store q, k, v as one int64 word of bits per row; each program
+    packs the q, k and v rows of its own row block (BLOCK_M == BLOCK_N: one key block is its own)."""
+    tl.static_assert(BLOCK_M == BLOCK_N)
     bh, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
@@ -138,25 +143,32 @@ def _ssa_forward_kernel(
     vmem = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     bad_rows = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.int32)  # 1 where a loaded q (k, v) value was not 0/1
     bad_keys = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    own_block = pid_n * BLOCK_N
     for t in range(T):
         base = (t * BH + bh) * N * d
         q = tl.load(q_ptr + base + rows[:, None] * d + cols[None, :], mask=row_mask, other=0.0)
         bad_rows |= not_binary(q)
         q = q.to(tl.float16)
+        if SAVE_WORDS:
+            tl.store(qw_ptr + (t * BH + bh) * N + rows, _row_words(q, cols), mask=rows < N)
         if KV_FIRST:
             kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-            for m0 in range(0, N, BLOCK_M):
-                k, v, bad = _key_block(k_ptr + base, v_ptr + base, m0, cols, N, d, BLOCK_M)
-                bad_keys |= bad
-                kv += tl.dot(tl.trans(k), v)
-            y = _exact_product(q, kv)
         else:
             y = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for m0 in range(0, N, BLOCK_M):
-                k, v, bad = _key_block(k_ptr + base, v_ptr + base, m0, cols, N, d, BLOCK_M)
-                bad_keys |= bad
+        for m0 in range(0, N, BLOCK_M):
+            k, v, bad = _key_block(k_ptr + base, v_ptr + base, m0, cols, N, d, BLOCK_M)
+            bad_keys |= bad
+            if SAVE_WORDS:
+                if m0 == own_block:
+                    tl.store(kw_ptr + (t * BH + bh) * N + rows, _row_words(k, cols), mask=rows < N)
+                    tl.store(vw_ptr + (t * BH + bh) * N + rows, _row_words(v, cols), mask=rows < N)
+            if KV_FIRST:
+                kv += tl.dot(tl.trans(k), v)
+            else:
                 a = tl.dot(q, tl.trans(k))
                 y += tl.dot(a.to(tl.float16), v)
+        if KV_FIRST:
+            y = _exact_product(q, kv)
         y = y * scale
         h = vmem + tl.math.div_rn(y - vmem, tau_v)
         fire = (h - v_threshold) >= 0.0
@@ -165,6 +177,13 @@ def _ssa_forward_kernel(
         vmem = tl.where(fire, 0.0, h)
     clear_flag_if_any(all_binary_ptr, bad_rows)
     clear_flag_if_any(all_binary_ptr, bad_keys)
+
+
+@triton.jit
+def _row_words(x, cols):
+    """[ROWS, BLOCK_D] tile of spikes (0 past d; BLOCK_D <= 64) -> [ROWS] int64: bit j = x[:, j] != 0."""
+    bit = tl.full([1], 1, tl.int64) << cols.to(tl.int64)
+    return tl.sum(tl.where(x != 0.0, bit[None, :], 0), axis=1)
 
 
 @triton.jit
