@@ -20,7 +20,7 @@ Use it as::
 The chosen form depends on the values, so it is picked eagerly: from what
 :mod:`spikeops.ops.known_counts` knows about ``x`` (spikes a spikeops neuron made, sums of them)
 without looking at it, else by checking the values (on a GPU a host sync; the answer is then
-recorded on ``x`` as ``known_counts`` records a neuron's output, so it is checked once). The layers that use it
+recorded on ``x`` as a neuron's output is, so ``x`` is checked once). The layers that use it
 (:mod:`spikeops.nn.spike_layers`) take their plain PyTorch path under ``torch.compile``.
 """
 from __future__ import annotations

@@ -188,7 +188,7 @@ def _row_words(x, cols):
 
 @triton.jit
 def _key_value_product_kernel(kw_ptr, vw_ptr, kv_ptr, N, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 1, one program per (t, batch * head): K^T V from the bits -> kv [BLOCK_D, BLOCK_D]."""
+    """Backward kernel 1, one program per (t, batch * head): K^T V from the bits -> kv [BLOCK_D, BLOCK_D]."""
     step = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
@@ -206,8 +206,8 @@ def _neuron_backward_kernel(
     HARD: tl.constexpr, DECAY_INPUT: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Passes 2-3 for BLOCK_N rows of one (batch, head). The forward's attention neuron is a hard
-    reset to 0 with decay_input; the backward takes its settings (ATTENTION_NEURON) as arguments."""
+    """Backward kernel 2, for BLOCK_N rows of one (batch, head). The forward's attention neuron is a
+    hard reset to 0 with decay_input; the backward takes its settings (ATTENTION_NEURON) as arguments."""
     bh, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
@@ -215,7 +215,7 @@ def _neuron_backward_kernel(
     tile = rows[:, None] * d + cols[None, :]
     kv_tile = cols[:, None] * BLOCK_D + cols[None, :]
     tau_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32) + tau
-    # 2. H of every step, as the forward computes it
+    # H of every step, as the forward computes it
     vmem = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for t in range(T):
         step = t * BH + bh
@@ -225,7 +225,7 @@ def _neuron_backward_kernel(
         tl.store(h_ptr + step * N * d + tile, h, mask=mask)
         vmem = tl.where((h - v_threshold) >= 0.0, 0.0, h)
     tl.debug_barrier()  # h is read back below, in the same layout, by this program only
-    # 3. t = T-1 .. 0, dL/dV carried in registers
+    # t = T-1 .. 0, dL/dV carried in registers
     gv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i in range(T):
         step = (T - 1 - i) * BH + bh
@@ -243,7 +243,8 @@ def _neuron_backward_kernel(
 def _key_value_grad_kernel(
     gy_ptr, qw_ptr, kw_ptr, vw_ptr, dk_ptr, dv_ptr, N, d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Pass 4, one program per (t, batch * head): dA = Q^T G over the rows, dK = V dA^T, dV = K dA."""
+    """Backward kernel 3, one program per (t, batch * head): dA = Q^T G over the rows, dK = V dA^T,
+    dV = K dA."""
     step = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
