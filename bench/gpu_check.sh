@@ -12,7 +12,9 @@
 # bench) so that one slow or failing step leaves the others their time; everything is logged
 # under $OUT, and bench/results/ is archived there as results.tgz.
 # BENCH_S may also name inference (bench_inference). AMP_S="bf16:150" (default none) adds the
-# training step under autocast (bench_train_step --amp bf16, all CUDA cases).
+# training step under autocast (bench_train_step --amp bf16, all CUDA cases). PROFILE_S="cifar:80"
+# (default none) adds bench.profile_train_step for that case (spikeops and SpikingJelly builds: step
+# time, kernel time, host syncs, top kernels) into $OUT/profile_<case>.txt.
 set -u
 OUT=${OUT:-/tmp/spikeops_gpu}
 mkdir -p "$OUT"
@@ -23,6 +25,7 @@ TEST_S=${TEST_S-160}
 BENCH_S=${BENCH_S-"ssa:60 host:30 token_attention:60 train_step:150 lif:35 masked_conv:45"}
 REPEATS=${REPEATS:-20}
 AMP_S=${AMP_S-""}
+PROFILE_S=${PROFILE_S-""}
 CPP_S=${CPP_S-""}
 
 {
@@ -66,6 +69,13 @@ done
 for spec in $AMP_S; do
   bench_step "bench_train_step --amp ${spec%%:*}" "${spec##*:}" \
     python3 -m bench.bench_train_step --device cuda --amp "${spec%%:*}" --repeats "$REPEATS"
+done
+for spec in $PROFILE_S; do
+  echo "# profile_train_step --case ${spec%%:*} (limit ${spec##*:}s)" | tee -a "$OUT/env.txt"
+  timeout "${spec##*:}" python3 -m bench.profile_train_step --case "${spec%%:*}" --device cuda \
+    --builds spikeops,spikingjelly --top 12 >"$OUT/profile_${spec%%:*}.txt" 2>&1
+  echo "profile_train_step ${spec%%:*}: exit $?" | tee -a "$OUT/env.txt"
+  grep "^### " "$OUT/profile_${spec%%:*}.txt"
 done
 tar czf "$OUT/results.tgz" bench/results 2>/dev/null
 [ -f "$OUT/bench.log" ] && grep -v "^ *[a-z_]*: .* on cuda \.\.\.$" "$OUT/bench.log" | tail -n 60
