@@ -8,7 +8,7 @@ round-robin, see :func:`bench.harness.time_interleaved`, so that load from other
 them alike):
 
 * **spike_matmul** (per attention shape): ``spikeops.spike_matmul(a, b)`` (0/1 fp32 in, exact
-  int32 out, packing included) vs eager fp32 ``a @ b`` for both association orders of attention,
+  int32 out; C++ packs both operands first, included; Triton multiplies the floats) vs eager fp32 ``a @ b`` for both association orders of attention,
   ``Q K^T`` ([..., N, d] @ [..., d, N]) and ``K^T V`` ([..., d, N] @ [..., N, d]);
 * **ssa fwd** (inference, ``torch.no_grad()``): ``spikeops.ssa(q, k, v)`` vs the eager fp32 path
   with the attention neuron, ``lif((q @ k^T) @ v * 0.125)`` and ``lif(q @ (k^T @ v) * 0.125)``,
@@ -406,7 +406,7 @@ def print_attention(dev, name: str, entry: dict) -> None:
     print(f"\n## SSA on {dev} | {name}: T={T} B={B} H={Hh} N={N} d={d} {entry['dtype']}, spike density {DENSITY} "
           f"| {torch.get_num_threads()} threads | malloc {entry['malloc']}\n")
     mm = entry["matmul"]
-    print("spike_matmul (exact int32, packing included) vs eager fp32 a @ b:\n")
+    print("spike_matmul (exact int32, the 0/1 check and any packing included) vs eager fp32 a @ b:\n")
     print(H.markdown_table(
         ["product", "a @ b", "spikeops ms", "eager ms", "eager/spikeops", "exact", "repeats"],
         [[p, f"{r['a_shape'][-2:]} @ {r['b_shape'][-2:]}", H.fmt(r["spikeops"]["ms"], 3), H.fmt(r["eager"]["ms"], 3),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import spikeops
+from spikeops.backend import has_kernel
 from spikeops.ops import masked_batch_norm, masked_conv, pack, spike_matmul, ssa, token_attention  # noqa: F401 registers
 from spikeops.ops import lif as lif_mod  # noqa: F401
 from harness import KERNEL_BACKENDS, device_for
@@ -46,10 +47,14 @@ def cases(backend):
     out += [(OPS.pack_spikes, (s, True, backend)), (OPS.pack_spikes, (s * 2, False, backend)),
             (OPS.unpack_spikes, (words, 70, torch.float32, backend)),
             (OPS.unpack_spikes, (words, 70, torch.bfloat16, backend))]
-    # spike_matmul on packed operands [Bt, M, W], [Bt, N, W]
-    a_w = spikeops.pack_spikes(spikes(2, 3, 70, device=d), backend=backend).words
-    b_w = spikeops.pack_spikes(spikes(2, 5, 70, seed=1, device=d), backend=backend).words
-    out.append((OPS.spike_matmul_packed, (a_w, b_w, backend)))
+    # spike_matmul: packed operands [Bt, M, W], [Bt, N, W] (C++) or 0/1 floats [Bt, M, K], [Bt, K, N] (Triton)
+    if has_kernel("spike_matmul", "spike_matmul_spikes", backend):
+        out.append((OPS.spike_matmul_spikes, (spikes(2, 3, 70, device=d), spikes(2, 70, 5, seed=1, device=d), True,
+                                              backend)))
+    else:
+        a_w = spikeops.pack_spikes(spikes(2, 3, 70, device=d), backend=backend).words
+        b_w = spikeops.pack_spikes(spikes(2, 5, 70, seed=1, device=d), backend=backend).words
+        out.append((OPS.spike_matmul_packed, (a_w, b_w, backend)))
     # ssa: q, k, v [T, BH, N, d]; both association orders (N > d and N <= d)
     for shape in ((2, 3, 9, 4), (2, 3, 4, 9)):
         q, k, v = (spikes(*shape, seed=i, device=d).requires_grad_() for i in range(3))
@@ -111,10 +116,18 @@ def op_name(packet) -> str:
 REGISTERED = sorted(n for n in dir(OPS) if isinstance(getattr(OPS, n), torch._ops.OpOverloadPacket))
 
 
+# Raw kernels that only some backends have: one case, each backend checking the one it has.
+ONE_CASE = {"spike_matmul_packed": "spike_matmul", "spike_matmul_spikes": "spike_matmul"}
+
+
+def case_label(op) -> str:
+    return ONE_CASE.get(op_name(op), op_name(op))
+
+
 def test_every_registered_op_has_a_case():
-    covered = {op_name(op) for op, _ in cases("cpp")}
+    covered = {op_name(op) for backend in KERNEL_BACKENDS for op, _ in cases(backend)}
     assert covered == set(REGISTERED), set(REGISTERED) ^ covered
-    assert len(REGISTERED) >= 12
+    assert len(REGISTERED) >= 13
 
 
 # The cases that name the parametrisation (every backend has the same ones), built with the C++ backend
@@ -123,8 +136,8 @@ ID_CASES = cases("cpp" if spikeops.backend.cpp_available() else "triton")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("index", range(len(ID_CASES)), ids=[f"{i}-{op_name(op)}" for i, (op, _) in enumerate(ID_CASES)])
+@pytest.mark.parametrize("index", range(len(ID_CASES)), ids=[f"{i}-{case_label(op)}" for i, (op, _) in enumerate(ID_CASES)])
 def test_opcheck(backend, index):
     op, args = cases(backend)[index]
-    assert op_name(op) == op_name(ID_CASES[index][0])
+    assert case_label(op) == case_label(ID_CASES[index][0])
     torch.library.opcheck(op.default, args)

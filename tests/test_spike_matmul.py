@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import spikeops
+from spikeops.backend import has_kernel
 from spikeops import reference
 from harness import KERNEL_BACKENDS, device_for
 
@@ -51,6 +52,8 @@ def test_non_binary_operand_is_named(backend):
         spikeops.spike_matmul(a, b * 2, backend=backend)
     with pytest.raises(ValueError, match="a must hold only 0 and 1"):
         spikeops.spike_matmul(a - 0.5, b, backend=backend)
+    with pytest.raises(ValueError, match="a must hold only 0 and 1"):  # 1 in fp16: checked before any cast
+        spikeops.spike_matmul(a * 1.0001, b, backend=backend)
 
 
 def test_bad_shapes_and_types_are_rejected():
@@ -70,8 +73,24 @@ def test_bad_shapes_and_types_are_rejected():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_packed_op_passes_opcheck(backend):
+def test_raw_kernel_passes_opcheck(backend):
+    """C++ multiplies packed words (spike_matmul_packed), Triton the 0/1 floats (spike_matmul_spikes)."""
     device = device_for(backend)
-    aw = spikeops.pack_spikes(spikes((2, 5, 70), device=device)).words
-    bw = spikeops.pack_spikes(spikes((2, 70, 6), device=device), dim=-2).words
-    torch.library.opcheck(torch.ops.spikeops.spike_matmul_packed.default, (aw, bw, backend))
+    a, b = spikes((2, 5, 70), device=device), spikes((2, 70, 6), seed=1, device=device)
+    if has_kernel("spike_matmul", "spike_matmul_spikes", backend):
+        for args in ((a, b, True, backend), (a, b.mT.contiguous().mT, False, backend)):
+            torch.library.opcheck(torch.ops.spikeops.spike_matmul_spikes.default, args)
+    else:
+        aw = spikeops.pack_spikes(a).words
+        bw = spikeops.pack_spikes(b, dim=-2).words
+        torch.library.opcheck(torch.ops.spikeops.spike_matmul_packed.default, (aw, bw, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_views_multiply_as_their_values(backend):
+    """K^T V and Q K^T of [N, d] spikes, as SSA forms them: operands that are transposed views."""
+    device = device_for(backend) if backend != "torch" else torch.device("cpu")
+    k, v = spikes((3, 70, 9), device=device), spikes((3, 70, 9), density=0.6, seed=1, device=device)
+    for a, b in ((k.mT, v), (k, v.mT)):
+        out = spikeops.spike_matmul(a, b, backend=backend)
+        assert torch.equal(out.cpu(), reference.spike_matmul(a.cpu(), b.cpu()))

@@ -1,9 +1,11 @@
-"""``spikeops.spike_matmul``: exact product of 0/1 matrices by AND + popcount on packed words.
+"""``spikeops.spike_matmul``: exact product of 0/1 matrices.
 
-``out[..., m, n] = sum_k a[..., m, k] * b[..., k, n]`` for a, b holding only 0 and 1. Both are
-packed along K (64 spikes per int64 word, :mod:`spikeops.ops.pack`); each output is the popcount
-of the AND of two packed rows. Not differentiable (an integer count); for training use
-:func:`spikeops.ssa`.
+``out[..., m, n] = sum_k a[..., m, k] * b[..., k, n]`` for a, b holding only 0 and 1, counted
+exactly. C++: both are packed along K (64 spikes per int64 word, :mod:`spikeops.ops.pack`, which
+also checks the values) and each output is the popcount of the AND of two packed rows. Triton: one
+kernel takes the 0/1 floats straight into fp16 tensor-core products with fp32 accumulation and
+checks the values as it loads them (:mod:`spikeops.triton.spike_matmul`). Not differentiable (an
+integer count); for training use :func:`spikeops.ssa`.
 """
 from __future__ import annotations
 
@@ -12,12 +14,35 @@ import torch
 from spikeops import backend as _backend
 from spikeops import reference
 from spikeops._validation import check_binary, check_float_tensor
+from spikeops.ops.known_counts import counts_bound
 from spikeops.ops.op import custom_op
 from spikeops.ops.pack import pack_if_binary
 
 MAX_K = 2**31 - 1  # the counts are int32 (every backend, and the reference)
 MAX_K_TRITON = 2**24  # the Triton kernel accumulates in fp32: integers are exact up to 2^24
 OUT_DTYPES = (torch.int32, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@custom_op("spike_matmul_spikes")
+def _spike_matmul_spikes(a: torch.Tensor, b: torch.Tensor, check: bool, backend: str) -> torch.Tensor:
+    """a [Bt, M, K], b [Bt, K, N] (any strides) -> int32 [Bt, M, N] in one kernel, which also finds
+    out whether the values are 0/1; ``check``: raise unless they are (reading that back is a host
+    sync on a GPU, skipped for inputs known to be spikes)."""
+    out, binary = _backend.kernel("spike_matmul", "spike_matmul_spikes", backend)(a, b)
+    if check and not bool(binary):  # name the culprit (error path only)
+        for name, x in (("a", a), ("b", b)):
+            if not reference.is_binary(x):
+                raise ValueError(not_binary_message(name))
+    return out
+
+
+@_spike_matmul_spikes.register_fake
+def _(a, b, check, backend):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+
+
+def not_binary_message(name: str) -> str:
+    return f"{name} must hold only 0 and 1 (spikes); spike_matmul is exact only for spikes"
 
 
 @custom_op("spike_matmul_packed")
@@ -77,11 +102,15 @@ def spike_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torc
         check_binary("spike_matmul", (("a", a), ("b", b)))
         return reference.spike_matmul(a, b).to(out_dtype)
     M, N = a.shape[-2], b.shape[-1]
+    if _backend.has_kernel("spike_matmul", "spike_matmul_spikes", chosen):  # Triton: no packing pass
+        check = counts_bound(a) != 1 or counts_bound(b) != 1  # not known spikes: the kernel's check is read
+        out = _spike_matmul_spikes(a.reshape(-1, M, K), b.reshape(-1, K, N), check, chosen)
+        return out.view(*batch, M, N).to(out_dtype)
     packed = []
     for name, x, dim in (("a", a, -1), ("b", b, -2)):
         p = pack_if_binary(x, dim=dim, backend=chosen)
         if p is None:
-            raise ValueError(f"{name} must hold only 0 and 1 (spikes); spike_matmul is exact only for spikes")
+            raise ValueError(not_binary_message(name))
         packed.append(p.words.reshape(-1, p.words.shape[-2], p.words.shape[-1]))
     out = _spike_matmul_packed(packed[0], packed[1], chosen)
     return out.view(*batch, M, N).to(out_dtype)
