@@ -69,14 +69,21 @@ def test_rows_from_empty_to_full_match_reference(backend, N, d):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_counts_beyond_fp16_exact_integers_stay_exact(backend):
-    # all-ones K and V: K^T V entries equal N = 2100 > 2048
+    # all-ones V and K of density 0.98: K^T V entries near N = 2100 > 2048, in the forward and
+    # where backward recomputes the forward's H
     device = device_for(backend)
     shape = (1, 1, 1, 2100, 2)
-    q = (torch.rand(shape) < 0.5).float().to(device)
-    k, v = torch.ones(shape, device=device), torch.ones(shape, device=device)
+    q = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.5).float().to(device)
+    k = (torch.rand(shape, generator=torch.Generator().manual_seed(2)) < 0.98).float().to(device)
+    v = torch.ones(shape, device=device)
+    assert (k.sum(-2) > 2048).all()
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device)
     scale = 1.0 / 2100.0
-    out = spikeops.ssa(q, k, v, scale=scale, v_threshold=0.5, backend=backend)
-    assert torch.equal(out.cpu(), reference.ssa(q.cpu(), k.cpu(), v.cpu(), scale=scale))
+    out, grads = run(lambda q, k, v: spikeops.ssa(q, k, v, scale=scale, backend=backend), (q, k, v), grad)
+    ref, ref_grads = run(lambda q, k, v: reference.ssa(q, k, v, scale=scale), [t.cpu() for t in (q, k, v)], grad.cpu())
+    assert torch.equal(out.cpu(), ref) and 0 < ref.sum() < ref.numel()
+    for g, rg in zip(grads, ref_grads):
+        assert_grads_close(g, rg, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
