@@ -32,7 +32,8 @@ def _spike_matmul_spikes(a: torch.Tensor, b: torch.Tensor, check: bool, backend:
     if check and not bool(binary):  # name the culprit (error path only)
         for name, x in (("a", a), ("b", b)):
             if not reference.is_binary(x):
-                raise ValueError(not_binary_message(name))
+                raise ValueError(_not_binary_message(name))
+        raise ValueError("spike_matmul: a and b must hold only 0 and 1 (spikes)")
     return out
 
 
@@ -41,7 +42,7 @@ def _(a, b, check, backend):
     return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
 
 
-def not_binary_message(name: str) -> str:
+def _not_binary_message(name: str) -> str:
     return f"{name} must hold only 0 and 1 (spikes); spike_matmul is exact only for spikes"
 
 
@@ -110,7 +111,7 @@ def spike_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torc
     for name, x, dim in (("a", a, -1), ("b", b, -2)):
         p = pack_if_binary(x, dim=dim, backend=chosen)
         if p is None:
-            raise ValueError(not_binary_message(name))
+            raise ValueError(_not_binary_message(name))
         packed.append(p.words.reshape(-1, p.words.shape[-2], p.words.shape[-1]))
     out = _spike_matmul_packed(packed[0], packed[1], chosen)
     return out.view(*batch, M, N).to(out_dtype)
