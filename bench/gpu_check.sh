@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONP
 # spikeops.models is the top-level models/ folder (setup.py's package_dir): link it for the bare tree
 [ -e spikeops/models ] || ln -s ../models spikeops/models
 TEST_S=${TEST_S-160}
-BENCH_S=${BENCH_S-"ssa:60 host:30 token_attention:60 train_step:150 lif:35 masked_conv:45"}
+BENCH_S=${BENCH_S-"ssa:60 host:30 token_attention:60 train_step:150 lif:75 masked_conv:45"}
 REPEATS=${REPEATS:-20}
 AMP_S=${AMP_S-""}
 PROFILE_S=${PROFILE_S-""}
