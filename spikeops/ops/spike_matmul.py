@@ -30,9 +30,7 @@ def _spike_matmul_spikes(a: torch.Tensor, b: torch.Tensor, check: bool, backend:
     sync on a GPU, skipped for inputs known to be spikes)."""
     out, binary = _backend.kernel("spike_matmul", "spike_matmul_spikes", backend)(a, b)
     if check and not bool(binary):  # name the culprit (error path only)
-        for name, x in (("a", a), ("b", b)):
-            if not reference.is_binary(x):
-                raise ValueError(_not_binary_message(name))
+        check_binary("spike_matmul", (("a", a), ("b", b)))
         raise ValueError("spike_matmul: a and b must hold only 0 and 1 (spikes)")
     return out
 
@@ -40,10 +38,6 @@ def _spike_matmul_spikes(a: torch.Tensor, b: torch.Tensor, check: bool, backend:
 @_spike_matmul_spikes.register_fake
 def _(a, b, check, backend):
     return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
-
-
-def _not_binary_message(name: str) -> str:
-    return f"{name} must hold only 0 and 1 (spikes); spike_matmul is exact only for spikes"
 
 
 @custom_op("spike_matmul_packed")
@@ -111,7 +105,7 @@ def spike_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torc
     for name, x, dim in (("a", a, -1), ("b", b, -2)):
         p = pack_if_binary(x, dim=dim, backend=chosen)
         if p is None:
-            raise ValueError(_not_binary_message(name))
+            raise ValueError(f"{name} must hold only 0 and 1 (spikes); spike_matmul is exact only for spikes")
         packed.append(p.words.reshape(-1, p.words.shape[-2], p.words.shape[-1]))
     out = _spike_matmul_packed(packed[0], packed[1], chosen)
     return out.view(*batch, M, N).to(out_dtype)

@@ -4,8 +4,9 @@ pack: each program reads a [BLOCK_R, 64] tile of x (rows x one word's elements),
 nonzero flags into bit weights ``1 << j`` and sums them into one int64 word per row (distinct
 powers of two: the sum is the OR). It also flags any value that is neither 0 nor 1.
 unpack: the inverse, ``(word >> j) & 1`` for j < 64.
-The 0/1 test (:func:`not_binary`) and the one-flag report of it (:func:`new_binary_flag`,
-:func:`clear_flag_if_any`) are shared with the attention kernels, which check what they load.
+The bits of a tile's rows (:func:`row_words`, :func:`row_bits`), the 0/1 test (:func:`not_binary`)
+and the one-flag report of it (:func:`new_binary_flag`, :func:`clear_flag_if_any`) are shared with
+the attention kernels, which pack, unpack and check the tiles they load.
 """
 from __future__ import annotations
 
@@ -41,9 +42,7 @@ def _pack_kernel(x_ptr, words_ptr, bad_ptr, R, n, W, CHECK: tl.constexpr, BLOCK_
     cols = w * 64 + tl.arange(0, 64)
     mask = (rows[:, None] < R) & (cols[None, :] < n)
     x = tl.load(x_ptr + rows[:, None] * n + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    weights = tl.full([64], 1, tl.int64) << tl.arange(0, 64).to(tl.int64)
-    bits = tl.where(x != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
-    tl.store(words_ptr + rows * W + w, tl.sum(bits, axis=1), mask=rows < R)
+    tl.store(words_ptr + rows * W + w, row_words(x, tl.arange(0, 64)), mask=rows < R)
     if CHECK:
         tl.store(bad_ptr + pid_r * W + w, tl.max(tl.max(not_binary(x), axis=1), axis=0))
 
@@ -54,10 +53,24 @@ def _unpack_kernel(words_ptr, out_ptr, R, n, W, BLOCK_R: tl.constexpr):
     rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     word = tl.load(words_ptr + rows * W + w, mask=rows < R, other=0)
     cols = w * 64 + tl.arange(0, 64)
-    bits = (word[:, None] >> tl.arange(0, 64).to(tl.int64)[None, :]) & 1
     mask = (rows[:, None] < R) & (cols[None, :] < n)
-    spikes = tl.where(bits != 0, 1.0, 0.0)  # via fp32: the interpreter mis-casts int -> bf16
+    spikes = row_bits(word, tl.arange(0, 64))
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], spikes.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_words(x, bit):
+    """[R, C] tile of 0/1 values (C <= 64, 0 where nothing was loaded) -> int64 [R]: bit ``bit[j]``
+    set where ``x[:, j] != 0`` (bit weights ``1 << bit[j]``, distinct: their sum is the OR)."""
+    weights = tl.full([1], 1, tl.int64) << bit.to(tl.int64)
+    return tl.sum(tl.where(x != 0.0, weights[None, :], 0), axis=1)
+
+
+@triton.jit
+def row_bits(words, bit):
+    """int64 [R] -> fp32 0/1 [R, C]: bit ``bit[j]`` of each word in column j."""
+    bits = (words[:, None] >> bit[None, :].to(tl.int64)) & 1
+    return tl.where(bits != 0, 1.0, 0.0)  # via fp32: the interpreter mis-casts int -> fp16 / bf16
 
 
 def new_binary_flag(device):

@@ -29,7 +29,8 @@ import triton.language as tl
 
 from spikeops.ops.lif import ATTENTION_NEURON
 from spikeops.triton.lif import lif_backward, lif_grad_step, lif_state
-from spikeops.triton.pack import clear_flag_if_any, new_binary_flag, not_binary, pack_spikes, unpack_spikes
+from spikeops.triton.pack import (clear_flag_if_any, new_binary_flag, not_binary, pack_spikes, row_bits, row_words,
+                                  unpack_spikes)
 
 BLOCK_N = 32
 BLOCK_M = 32
@@ -121,9 +122,7 @@ def _key_block(k_ptr, v_ptr, m0, cols, N, d, BLOCK_M: tl.constexpr):
 @triton.jit
 def _unpack_rows(words_ptr, rows, cols, N, DTYPE: tl.constexpr):
     """Rows ``rows`` of a [N, 1] word tile as 0/1 [len(rows), len(cols)] of DTYPE (0 past N)."""
-    w = tl.load(words_ptr + rows, mask=rows < N, other=0)
-    bits = (w[:, None] >> cols[None, :].to(tl.int64)) & 1
-    return tl.where(bits != 0, 1.0, 0.0).to(DTYPE)  # via fp32: the interpreter mis-casts int -> fp16
+    return row_bits(tl.load(words_ptr + rows, mask=rows < N, other=0), cols).to(DTYPE)
 
 
 @triton.jit
@@ -150,7 +149,7 @@ def _ssa_forward_kernel(
         bad_rows |= not_binary(q)
         q = q.to(tl.float16)
         if SAVE_WORDS:
-            tl.store(qw_ptr + (t * BH + bh) * N + rows, _row_words(q, cols), mask=rows < N)
+            tl.store(qw_ptr + (t * BH + bh) * N + rows, row_words(q, cols), mask=rows < N)
         if KV_FIRST:
             kv = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
         else:
@@ -160,8 +159,8 @@ def _ssa_forward_kernel(
             bad_keys |= bad
             if SAVE_WORDS:
                 if m0 == own_block:
-                    tl.store(kw_ptr + (t * BH + bh) * N + rows, _row_words(k, cols), mask=rows < N)
-                    tl.store(vw_ptr + (t * BH + bh) * N + rows, _row_words(v, cols), mask=rows < N)
+                    tl.store(kw_ptr + (t * BH + bh) * N + rows, row_words(k, cols), mask=rows < N)
+                    tl.store(vw_ptr + (t * BH + bh) * N + rows, row_words(v, cols), mask=rows < N)
             if KV_FIRST:
                 kv += tl.dot(tl.trans(k), v)
             else:
@@ -177,13 +176,6 @@ def _ssa_forward_kernel(
         vmem = tl.where(fire, 0.0, h)
     clear_flag_if_any(all_binary_ptr, bad_rows)
     clear_flag_if_any(all_binary_ptr, bad_keys)
-
-
-@triton.jit
-def _row_words(x, cols):
-    """[ROWS, BLOCK_D] tile of spikes (0 past d; BLOCK_D <= 64) -> [ROWS] int64: bit j = x[:, j] != 0."""
-    bit = tl.full([1], 1, tl.int64) << cols.to(tl.int64)
-    return tl.sum(tl.where(x != 0.0, bit[None, :], 0), axis=1)
 
 
 @triton.jit

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from spikeops.triton.pack import clear_flag_if_any, new_binary_flag, not_binary, pack_spikes, unpack_spikes
+from spikeops.triton.pack import (clear_flag_if_any, new_binary_flag, not_binary, pack_spikes, row_bits, row_words,
+                                  unpack_spikes)
 
 BLOCK_T = 32
 ALPHA = 4.0  # sigmoid surrogate of the attention neuron
@@ -166,7 +167,6 @@ def _cf_forward_kernel(
     rows = tl.arange(0, BLOCK_D)
     cols = w * 64 + tl.arange(0, 64)
     mask = (rows[:, None] < d) & (cols[None, :] < N)
-    weights = tl.full([64], 1, tl.int64) << tl.arange(0, 64).to(tl.int64)
     tau_v = tl.zeros([64], dtype=tl.float32) + tau
     v = tl.zeros([64], dtype=tl.float32)
     bad = tl.zeros([BLOCK_D, 64], dtype=tl.int32)
@@ -177,8 +177,7 @@ def _cf_forward_kernel(
         h, fire, v = _neuron_step(v, s, tau_v, v_threshold)
         if SAVE:
             tl.store(h_ptr + block * N + cols, h, mask=cols < N)
-            bits = tl.where(k != 0.0, weights[None, :], tl.zeros_like(weights)[None, :])
-            tl.store(kw_ptr + (block * d + rows) * W + w, tl.sum(bits, axis=1), mask=rows < d)
+            tl.store(kw_ptr + (block * d + rows) * W + w, row_words(k, tl.arange(0, 64)), mask=rows < d)
         tl.store(out_ptr + offs, tl.where(fire[None, :], k, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
     clear_flag_if_any(all_binary_ptr, bad)
 
@@ -198,7 +197,7 @@ def _cf_backward_kernel(
         offs = (block * d + rows[:, None]) * N + cols[None, :]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         word = tl.load(kw_ptr + (block * d + rows) * W + w, mask=rows < d, other=0)
-        k = tl.where(((word[:, None] >> tl.arange(0, 64).to(tl.int64)[None, :]) & 1) != 0, 1.0, 0.0)
+        k = row_bits(word, tl.arange(0, 64))
         h = tl.load(h_ptr + block * N + cols, mask=cols < N, other=0.0)
         fire = (h - v_threshold) >= 0.0
         tl.store(gk_ptr + offs, tl.where(fire[None, :], g, 0.0).to(gk_ptr.dtype.element_ty), mask=mask)
