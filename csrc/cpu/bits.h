@@ -11,6 +11,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>  // outside the namespace: the AVX2 paths below
+#endif
 
 namespace spikeops {
 namespace cpu {
@@ -51,8 +54,6 @@ inline bool pack_rows_sse2(const float* x, int64_t rows, int64_t n, uint64_t* wo
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-
 __attribute__((target("avx2"))) inline bool pack_bits_avx2(const float* x, int64_t n, uint64_t* words) {
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   int not_binary = 0;
