@@ -69,9 +69,14 @@ def resolve(tensor: torch.Tensor, backend: str = "auto", op: str = "") -> str:
     ``TypeError`` for a dtype the forced backend has no kernel for, ``RuntimeError`` when the
     forced backend is not installed/built.
     """
+    return resolve_for(tensor.device, tensor.dtype, backend, op)
+
+
+def resolve_for(device: torch.device, dtype: torch.dtype, backend: str = "auto", op: str = "") -> str:
+    """:func:`resolve` for a tensor of ``dtype`` on ``device`` (for an op whose output dtype is
+    not its input's, e.g. unpacking int64 words to floats)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device, dtype = tensor.device, tensor.dtype
     if backend == "auto":
         if dtype not in KERNEL_DTYPES:
             return "torch"

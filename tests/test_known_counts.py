@@ -74,10 +74,14 @@ def test_compact_saves_known_tensors_without_checking_their_values(monkeypatch):
     s = _spikes()
     counts = add_counts(add_counts(s, _spikes()), _spikes())
 
-    def no_check(*args, **kwargs):
-        raise AssertionError("compact checked the values of a known tensor")
+    real = compact_mod.pack_words
 
-    monkeypatch.setattr(compact_mod, "pack_if_binary", no_check)
+    def no_check(x, dim, check, backend):
+        if check:
+            raise AssertionError("compact checked the values of a known tensor")
+        return real(x, dim, check, backend)
+
+    monkeypatch.setattr(compact_mod, "pack_words", no_check)
     saved, meta = compact(s, dim=-1)
     assert meta.kind == "bits" and torch.equal(restore(saved, meta), s)
     saved, meta = compact(counts, dim=-1)
@@ -88,8 +92,9 @@ def test_compact_saves_known_tensors_without_checking_their_values(monkeypatch):
 
 def test_compact_checks_an_unknown_tensor_once_until_it_is_written_to(monkeypatch):
     checks = []
-    real = compact_mod.pack_if_binary
-    monkeypatch.setattr(compact_mod, "pack_if_binary", lambda *a, **k: checks.append(1) or real(*a, **k))
+    real = compact_mod.pack_words
+    monkeypatch.setattr(compact_mod, "pack_words", lambda x, dim, check, backend: (checks.append(1) if check else None)
+                        or real(x, dim, check, backend))
     spikes = (torch.rand(4, 3, 70) < 0.3).float()
     counts = torch.randint(0, 4, (4, 70)).float()
     for x, kind in ((spikes, "bits"), (counts, "uint8")):
@@ -107,8 +112,9 @@ def test_compact_checks_an_unknown_tensor_once_until_it_is_written_to(monkeypatc
 def test_spiking_self_attention_checks_its_unknown_input_once(monkeypatch):
     """q, k and v project the same x: the first projection checks it, the other two know it."""
     checks = []
-    real = compact_mod.pack_if_binary
-    monkeypatch.setattr(compact_mod, "pack_if_binary", lambda *a, **k: checks.append(1) or real(*a, **k))
+    real = compact_mod.pack_words
+    monkeypatch.setattr(compact_mod, "pack_words", lambda x, dim, check, backend: (checks.append(1) if check else None)
+                        or real(x, dim, check, backend))
     torch.manual_seed(0)
     attn = spikeops.nn.SpikingSelfAttention(32, 2, backend="cpp")
     x = (torch.rand(2, 2, 16, 32) < 0.3).float().requires_grad_()
@@ -140,8 +146,9 @@ def test_a_training_step_of_the_models_checks_no_layer_input_values(monkeypatch,
     """Every Spike* layer input in these models is spikes or a residual sum of spikes, known so:
     compact never looks at the values (on a GPU each look is a host sync)."""
     checks = []
-    real = compact_mod.pack_if_binary
-    monkeypatch.setattr(compact_mod, "pack_if_binary", lambda *a, **k: checks.append(a[0].shape) or real(*a, **k))
+    real = compact_mod.pack_words
+    monkeypatch.setattr(compact_mod, "pack_words", lambda x, dim, check, backend:
+                        (checks.append(x.shape) if check else None) or real(x, dim, check, backend))
     torch.manual_seed(0)
     model = create_model(name, backend="cpp", **kwargs)
     img = kwargs.get("img_size", 32)

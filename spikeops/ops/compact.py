@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from spikeops.ops.known_counts import MAX_BOUND, counts_bound, mark_counts
-from spikeops.ops.pack import PackedSpikes, pack_if_binary, pack_spikes, unpack_spikes
+from spikeops.ops.pack import pack_words, unpack_words
 
 
 class CompactMeta(NamedTuple):
@@ -47,19 +47,19 @@ def compact(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> tuple[torc
     """(tensor to save, meta): ``x`` bit-packed along ``dim`` if it is 0/1, as uint8 if it holds
     integers 0..255, else ``x`` itself. ``backend`` picks the packing kernel."""
     meta = CompactMeta("plain", x.shape, dim % max(x.dim(), 1), x.dtype, memory_format(x))
-    if x.numel() == 0 or not x.is_floating_point():
+    if x.numel() == 0 or x.dim() == 0 or not x.is_floating_point():
         return x, meta
     bound = counts_bound(x)  # known without looking at the values (no host sync on a GPU)
     if bound == 1:
-        return pack_spikes(x, dim=dim, check=False, backend=backend).words, meta._replace(kind="bits")
+        return pack_words(x, meta.dim, False, backend)[0], meta._replace(kind="bits")
     if bound is not None:
         return x.to(torch.uint8), meta._replace(kind="uint8")
     # checked: the answer is recorded on x, so the next layer given the same x (Spikformer's q, k
     # and v projections) does not check it again
-    packed = pack_if_binary(x, dim=dim, backend=backend)
-    if packed is not None:
+    words, binary = pack_words(x, meta.dim, True, backend)
+    if binary:
         mark_counts(x, 1)
-        return packed.words, meta._replace(kind="bits")
+        return words, meta._replace(kind="bits")
     counts = x.to(torch.uint8)
     if torch.equal(counts.to(x.dtype), x):  # exactly the integers 0..255 survive the round trip
         mark_counts(x, MAX_BOUND)
@@ -73,7 +73,7 @@ def restore(saved: torch.Tensor, meta: CompactMeta, backend: str = "auto") -> to
     if meta.kind == "plain":
         return saved
     if meta.kind == "bits":
-        x = unpack_spikes(PackedSpikes(saved, meta.shape, meta.dim, meta.dtype), backend=backend)
+        x = unpack_words(saved, meta.shape, meta.dim, meta.dtype, backend)
     else:
         x = saved.to(meta.dtype)
     return x.contiguous(memory_format=meta.memory_format)

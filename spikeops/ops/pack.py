@@ -90,16 +90,22 @@ def _pack_and_check(x, dim, check, backend):
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to pack")
     dim = _normalize_dim(dim, x.dim())
-    moved = x.movedim(dim, -1)
+    words, binary = pack_words(x, dim, check, backend)
+    return PackedSpikes(words, x.shape, dim, x.dtype), binary
+
+
+def pack_words(x: torch.Tensor, dim: int, check: bool, backend: str) -> tuple[torch.Tensor, bool]:
+    """(words of non-empty float ``x`` packed along ``dim`` in ``[0, x.dim())``, all values 0 or 1;
+    True unchecked): the work of :func:`pack_spikes` after its argument checks, which
+    :func:`spikeops.ops.compact.compact` calls directly for tensors it knows are spikes (it saves a
+    layer's input on every training call, where those checks cost more host time than the kernel)."""
+    moved = x.movedim(dim, -1) if dim != x.dim() - 1 else x
     n = moved.shape[-1]
     chosen = _backend.resolve(x, backend)
     if chosen == "torch":
-        binary = not check or reference.is_binary(x)
-        words = reference.pack_spikes(moved)
-    else:
-        words, binary = _pack(moved.contiguous().view(-1, n), check, chosen)
-        words, binary = words.view(*moved.shape[:-1], -1), bool(binary)
-    return PackedSpikes(words, x.shape, dim, x.dtype), binary
+        return reference.pack_spikes(moved), not check or reference.is_binary(x)
+    words, binary = _pack(moved.contiguous().view(-1, n), check, chosen)
+    return words.view(*moved.shape[:-1], -1), not check or bool(binary)
 
 
 def unpack_spikes(packed: PackedSpikes, dtype: torch.dtype = None, backend: str = "auto") -> torch.Tensor:
@@ -121,12 +127,21 @@ def unpack_spikes(packed: PackedSpikes, dtype: torch.dtype = None, backend: str 
     if n < 1 or words.shape != expected:
         raise ValueError(f"packed.words has shape {tuple(words.shape)}, but packed.shape {tuple(shape)} along dim "
                          f"{dim} needs {tuple(expected)}: not the words pack_spikes returned for that shape")
-    chosen = _backend.resolve(torch.empty(0, dtype=dtype, device=words.device), backend)
+    return unpack_words(words, shape, dim, dtype, backend)
+
+
+def unpack_words(words: torch.Tensor, shape: torch.Size, dim: int, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The work of :func:`unpack_spikes` after its argument checks (``dim`` in ``[0, len(shape))``),
+    which :func:`spikeops.ops.compact.restore` calls directly on the words ``compact`` made."""
+    n = shape[dim]
+    moved_shape = shape[:dim] + shape[dim + 1:] + (n,)
+    chosen = _backend.resolve_for(words.device, dtype, backend)
     if chosen == "torch":
         flat = reference.unpack_spikes(words, n, dtype)
     else:
         flat = _unpack(words.contiguous().view(-1, words.shape[-1]), n, dtype, chosen)
-    return flat.view(moved_shape).movedim(-1, dim)
+    out = flat.view(moved_shape)
+    return out.movedim(-1, dim) if dim != len(shape) - 1 else out
 
 
 def word_rows(x: torch.Tensor) -> Optional[torch.Tensor]:
