@@ -7,8 +7,9 @@
 // (dynamic_for.h) and walk t = 0..T-1 keeping the attention neuron's potential [N, d]. Each step
 //   1. packs the rows of q, k, v along d (bits.h; this also checks the values are 0/1); the packed
 //      rows are the 1-bit copy kept for backward, written in place when saved;
-//   2. forms K^T V [d, d]: K's columns packed along N (64 x 64 bit transposes of the rows), then
-//      row c of K^T V = the sum of the V rows (as 0/1 lanes) over the spikes of K's column c;
+//   2. forms K^T V [d, d]: K's columns packed along N (64 x 64 bit transposes of the rows, 64 x 32
+//      for d <= 32), then row c of K^T V = the sum of the V rows (as 0/1 lanes) over the spikes of
+//      K's column c;
 //   3. forms Y[n] = the sum of the K^T V rows over the spikes of Q[n], and steps the neuron.
 // The sums are exact integer lanes, int16 when every count fits (N d <= 32767: K^T V <= N,
 // Y <= d N), else int32, accumulated in registers over blocks of up to 4 vectors of columns (int16
@@ -233,11 +234,16 @@ void with_layout(int64_t N, int64_t d, F&& f) {
   if (N * d <= 32767) with_vecs(int16_t{}); else with_vecs(int32_t{});
 }
 
-// a[i] bit j <-> a[j] bit i for a 64 x 64 bit matrix (Hacker's Delight 7-3, log2(64) swap rounds).
-inline void transpose64(uint64_t* a) {
-  uint64_t m = 0x00000000FFFFFFFFull;
-  for (int j = 32; j != 0; j >>= 1, m ^= m << j) {
-    for (int r = 0; r < 64; r = ((r | j) + 1) & ~j) {
+// The swap rounds j = kHalf, kHalf / 2, ..., 1 of a 64 x 64 bit transpose (Hacker's Delight 7-3)
+// over a[0, 2 kHalf), the masks m_j holding j ones then j zeros. transpose_rounds<32>: the whole
+// transpose, a[i] bit j <-> a[j] bit i. transpose_rounds<16> finishes one of a 64 x 32 matrix (bits
+// 32..63 of every row zero) whose first round is done by storing row r + 32 in the high half of
+// row r (r < 32): the first round does just that, and leaves rows 32..63 zero.
+template <int kHalf>
+inline void transpose_rounds(uint64_t* a) {
+  uint64_t m = ~0ull / ((1ull << kHalf) + 1);
+  for (int j = kHalf; j != 0; j >>= 1, m ^= m << j) {
+    for (int r = 0; r < 2 * kHalf; r = ((r | j) + 1) & ~j) {
       const uint64_t t = ((a[r] >> j) ^ a[r | j]) & m;
       a[r | j] ^= t;
       a[r] ^= t << j;
@@ -400,11 +406,23 @@ __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64
 // in rows, packed along N (64 x 64 bit transposes).
 inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) {
   const int64_t Wd = words_for(d), WN = words_for(N);
+  if (d <= 32) {  // 64 x 32 blocks (a row's bits from d on are zero): half the swaps
+    for (int64_t rb = 0; rb < WN; ++rb) {
+      uint64_t a[32];
+      for (int64_t i = 0; i < 32; ++i) {
+        const int64_t r = rb * 64 + i;
+        a[i] = (r < N ? rows[r] : 0) | (r + 32 < N ? rows[r + 32] << 32 : 0);
+      }
+      transpose_rounds<16>(a);
+      for (int64_t i = 0; i < d; ++i) cols[i * WN + rb] = a[i];
+    }
+    return;
+  }
   for (int64_t rb = 0; rb < WN; ++rb) {
     for (int64_t cw = 0; cw < Wd; ++cw) {
       uint64_t a[64];
       for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? rows[(rb * 64 + i) * Wd + cw] : 0;
-      transpose64(a);
+      transpose_rounds<32>(a);
       for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) cols[(cw * 64 + i) * WN + rb] = a[i];
     }
   }
