@@ -403,7 +403,7 @@ __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64
 #endif
 
 // cols [d, ceil(N / 64)]: the columns of the 0/1 matrix whose rows [N, ceil(d / 64)] are packed
-// in rows, packed along N (64 x 64 bit transposes).
+// in rows, packed along N (64 x 64 bit transposes; 64 x 32 for d <= 32).
 inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) {
   const int64_t Wd = words_for(d), WN = words_for(N);
   if (d <= 32) {  // 64 x 32 blocks (a row's bits from d on are zero): half the swaps

@@ -95,10 +95,10 @@ def _pack_and_check(x, dim, check, backend):
 
 
 def pack_words(x: torch.Tensor, dim: int, check: bool, backend: str) -> tuple[torch.Tensor, bool]:
-    """(words of non-empty float ``x`` packed along ``dim`` in ``[0, x.dim())``, all values 0 or 1;
-    True unchecked): the work of :func:`pack_spikes` after its argument checks, which
-    :func:`spikeops.ops.compact.compact` calls directly for tensors it knows are spikes (it saves a
-    layer's input on every training call, where those checks cost more host time than the kernel)."""
+    """(words of non-empty float ``x`` packed along ``dim`` in ``[0, x.dim())``, whether every value
+    is 0 or 1, True when ``check`` is False): the work of :func:`pack_spikes` after its argument
+    checks. :func:`spikeops.ops.compact.compact` calls it directly: it saves a layer's input on
+    every training call, where those checks cost more host time than the kernel."""
     moved = x.movedim(dim, -1) if dim != x.dim() - 1 else x
     n = moved.shape[-1]
     chosen = _backend.resolve(x, backend)
