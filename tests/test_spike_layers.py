@@ -7,6 +7,7 @@ import spikeops
 from spikeops.memory import saved_bytes
 from spikeops.nn import SpikeConv1d, SpikeConv2d, SpikeLinear
 from spikeops.ops.compact import compact, restore
+from spikeops.ops.known_counts import mark_counts
 
 # (torch layer, spikeops layer, constructor args, input shape)
 LAYERS = {
@@ -221,6 +222,15 @@ def test_compact_saves_an_empty_tensor_as_is():
     x = torch.zeros(0, 5)
     saved, meta = compact(x)
     assert meta.kind == "plain" and saved is x
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_compact_saves_a_0d_tensor_as_is(known):
+    x = torch.tensor(1.0)
+    if known:
+        mark_counts(x, 1)
+    saved, meta = compact(x)
+    assert meta.kind == "plain" and saved is x and restore(saved, meta) is x
 
 
 # ---- drop-in: parameters, state_dict, no grad, autocast, torch.compile
