@@ -90,11 +90,22 @@ def test_compact_saves_known_tensors_without_checking_their_values(monkeypatch):
         compact(torch.rand(4, 70))  # unknown: checked as before
 
 
+def _watch_checks(monkeypatch) -> list:
+    """The shapes of the tensors whose values compact checks (pack_words with check=True), appended
+    as the checks happen; compact itself runs unchanged."""
+    checks, real = [], compact_mod.pack_words
+
+    def watched(x, dim, check, backend):
+        if check:
+            checks.append(x.shape)
+        return real(x, dim, check, backend)
+
+    monkeypatch.setattr(compact_mod, "pack_words", watched)
+    return checks
+
+
 def test_compact_checks_an_unknown_tensor_once_until_it_is_written_to(monkeypatch):
-    checks = []
-    real = compact_mod.pack_words
-    monkeypatch.setattr(compact_mod, "pack_words", lambda x, dim, check, backend: (checks.append(1) if check else None)
-                        or real(x, dim, check, backend))
+    checks = _watch_checks(monkeypatch)
     spikes = (torch.rand(4, 3, 70) < 0.3).float()
     counts = torch.randint(0, 4, (4, 70)).float()
     for x, kind in ((spikes, "bits"), (counts, "uint8")):
@@ -111,10 +122,7 @@ def test_compact_checks_an_unknown_tensor_once_until_it_is_written_to(monkeypatc
 
 def test_spiking_self_attention_checks_its_unknown_input_once(monkeypatch):
     """q, k and v project the same x: the first projection checks it, the other two know it."""
-    checks = []
-    real = compact_mod.pack_words
-    monkeypatch.setattr(compact_mod, "pack_words", lambda x, dim, check, backend: (checks.append(1) if check else None)
-                        or real(x, dim, check, backend))
+    checks = _watch_checks(monkeypatch)
     torch.manual_seed(0)
     attn = spikeops.nn.SpikingSelfAttention(32, 2, backend="cpp")
     x = (torch.rand(2, 2, 16, 32) < 0.3).float().requires_grad_()
@@ -145,10 +153,7 @@ def test_attention_ops_still_reject_known_spikes_written_to_afterwards(backend):
 def test_a_training_step_of_the_models_checks_no_layer_input_values(monkeypatch, name, kwargs):
     """Every Spike* layer input in these models is spikes or a residual sum of spikes, known so:
     compact never looks at the values (on a GPU each look is a host sync)."""
-    checks = []
-    real = compact_mod.pack_words
-    monkeypatch.setattr(compact_mod, "pack_words", lambda x, dim, check, backend:
-                        (checks.append(x.shape) if check else None) or real(x, dim, check, backend))
+    checks = _watch_checks(monkeypatch)
     torch.manual_seed(0)
     model = create_model(name, backend="cpp", **kwargs)
     img = kwargs.get("img_size", 32)
