@@ -32,4 +32,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "whether the kernels take their AVX2 paths (cpu_features.h)");
+  m.def("avx512_enabled", [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return spikeops::cpu::avx512_enabled();
+#else
+    return false;
+#endif
+  }, "whether the kernels take their AVX-512 paths (cpu_features.h)");
 }

@@ -1,9 +1,11 @@
-"""The CPU kernels' baseline paths give what their AVX2 paths give.
+"""The CPU kernels' narrower SIMD paths give what their widest paths give.
 
-Where the CPU has AVX2 the kernels take it (csrc/cpu/cpu_features.h), so the SSE2 packing and the
-GCC-vector sums of the attention kernels would go untested here. With SPIKEOPS_NO_AVX2=1 the
-extension takes the baseline paths; this file runs the C++ tests of packing, the Spike* layers, SSA
-and token attention again in such a process.
+Where the CPU has AVX-512 (F, BW) or AVX2 the kernels take it (csrc/cpu/cpu_features.h), so the
+narrower paths would go untested here: the AVX2 packing, sums and neuron on an AVX-512 machine, the
+SSE2 packing and the GCC-vector sums of the attention kernels on an AVX2 one. With
+SPIKEOPS_NO_AVX512=1 the extension takes the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline
+ones; this file runs the C++ tests of packing, the Spike* layers, SSA and token attention again in
+such processes.
 """
 import os
 import subprocess
@@ -16,22 +18,34 @@ C = pytest.importorskip("spikeops._C", reason="the C++ extension is not built (m
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = ["tests/test_pack.py", "tests/test_spike_layers.py", "tests/test_ssa.py", "tests/test_token_attention.py"]
+SWITCHES = {"SPIKEOPS_NO_AVX2": "avx2_enabled", "SPIKEOPS_NO_AVX512": "avx512_enabled"}
 
 
-def run_python(args, no_avx2: bool) -> subprocess.CompletedProcess:
-    env = dict(os.environ, SPIKEOPS_NO_AVX2="1" if no_avx2 else "0")
+def run_python(args, switch: str = "", on: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **{name: "0" for name in SWITCHES})
+    if switch:
+        env[switch] = "1" if on else "0"
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_the_switch_reaches_the_extension():
-    probe = ["-c", "import spikeops._C as C; print(C.avx2_enabled())"]
-    assert run_python(probe, no_avx2=True).stdout.strip() == "False"
-    assert run_python(probe, no_avx2=False).stdout.strip() == str(C.avx2_enabled())
+def enabled(switch: str = "") -> tuple[bool, bool]:
+    """(avx2_enabled, avx512_enabled) in a process with `switch` set."""
+    probe = ["-c", "import spikeops._C as C; print(C.avx2_enabled(), C.avx512_enabled())"]
+    out = run_python(probe, switch).stdout.split()
+    return out[0] == "True", out[1] == "True"
 
 
-@pytest.mark.skipif(not C.avx2_enabled(), reason="no AVX2 here: the other tests already run the baseline paths")
-def test_kernel_tests_pass_on_the_baseline_paths():
+def test_the_switches_reach_the_extension():
+    assert enabled() == (C.avx2_enabled(), C.avx512_enabled())
+    assert enabled("SPIKEOPS_NO_AVX2") == (False, False)  # no AVX-512 paths without the AVX2 ones
+    assert enabled("SPIKEOPS_NO_AVX512") == (C.avx2_enabled(), False)
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_kernel_tests_pass_on_the_narrower_paths(switch):
+    if not getattr(C, SWITCHES[switch])():
+        pytest.skip(f"{SWITCHES[switch]}() is False here: the other tests already run the narrower paths")
     args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpp and not opcheck and not compile", *TEST_FILES]
-    result = run_python(args, no_avx2=True)
+    result = run_python(args, switch)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout

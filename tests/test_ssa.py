@@ -47,11 +47,14 @@ def test_settings_reach_the_kernel(backend, scale, v_threshold, tau):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("N,d", [(64, 64), (64, 32), (33, 7)])
+@pytest.mark.parametrize("N,d", [(64, 64), (64, 32), (33, 7), (130, 24), (9, 130)])
 def test_rows_from_empty_to_full_match_reference(backend, N, d):
     # row n of q, k and v holds about n / N spikes per column: every count of set bits in a
     # row (0 .. d) and in a column of K (the CPU kernel's sums take the first bits of a word
-    # without branching on them and the rest with, an empty word reading a zero row)
+    # without branching on them and the rest with, an empty word reading a zero row). d 7-130:
+    # every lane width of the C++ sums and neuron (int16 lanes: 16-wide vectors for d <= 16,
+    # 32-wide for d 17-32 and 49+, a lane mask where 16 does not divide d); N 130, d 130: bit rows
+    # of several words
     device = device_for(backend)
     g = torch.Generator().manual_seed(3)
     rate = (torch.arange(N, dtype=torch.float32) / (N - 1)).view(1, 1, 1, N, 1)

@@ -1,7 +1,7 @@
 // Packing 0/1 floats into 64-bit words, shared by pack.cpp, ssa.cpp and token_attention.cpp:
-// compare + movemask, eight values at a time with AVX2 where the CPU has it (checked at run
-// time, cpu_features.h), else four with SSE2 (baseline x86-64), with a scalar tail (and a scalar
-// path off x86).
+// compares giving masks, sixteen values at a time with AVX-512 where the CPU has it (checked at
+// run time, cpu_features.h), else compare + movemask, eight values at a time with AVX2, else four
+// with SSE2 (baseline x86-64), with a scalar tail (and a scalar path off x86).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -77,10 +77,6 @@ __attribute__((target("avx2"))) inline bool pack_bits_avx2(const float* x, int64
   return not_binary != 0;
 }
 
-inline bool pack_bits(const float* x, int64_t n, uint64_t* words) {
-  return avx2_enabled() ? pack_bits_avx2(x, n, words) : pack_bits_sse2(x, n, words);
-}
-
 // pack_rows with AVX2: 32 compares at a time become 32 bits through two saturating packs, one
 // lane fix-up and one byte movemask; the 0/1 check is one vector per call, OR-ed over the lanes
 // where (x != 0) differs from (x == 1).
@@ -125,8 +121,39 @@ __attribute__((target("avx2"))) inline bool pack_rows_avx2(const float* x, int64
   return tail_not_binary != 0 || _mm256_movemask_ps(not_binary) != 0;
 }
 
+// pack_rows with AVX-512: a compare of 16 values gives their 16 bits as a mask; the last values of
+// a row go through a masked load (the lanes past the row read as 0), so there is no scalar tail.
+__attribute__((target("avx512f,avx512bw"))) inline bool pack_rows_avx512(const float* x, int64_t rows, int64_t n,
+                                                                          uint64_t* words) {
+  const int64_t W = (n + 63) / 64;
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  uint32_t not_binary = 0;  // lanes where (x != 0) differs from (x == 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t m = std::min<int64_t>(64, n - 64 * w);
+      const float* src = x + r * n + 64 * w;
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < m; j += 16) {
+        const __mmask16 lanes = m - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (m - j)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(lanes, src + j);
+        const __mmask16 nz = _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ);
+        not_binary |= nz ^ _mm512_cmp_ps_mask(v, one, _CMP_EQ_OQ);
+        bits |= static_cast<uint64_t>(nz) << j;
+      }
+      words[r * W + w] = bits;
+    }
+  }
+  return not_binary != 0;
+}
+
 inline bool pack_rows(const float* x, int64_t rows, int64_t n, uint64_t* words) {
+  if (avx512_enabled()) return pack_rows_avx512(x, rows, n, words);
   return avx2_enabled() ? pack_rows_avx2(x, rows, n, words) : pack_rows_sse2(x, rows, n, words);
+}
+
+inline bool pack_bits(const float* x, int64_t n, uint64_t* words) {
+  if (avx512_enabled()) return pack_rows_avx512(x, 1, n, words);
+  return avx2_enabled() ? pack_bits_avx2(x, n, words) : pack_bits_sse2(x, n, words);
 }
 #else
 inline bool pack_bits(const float* x, int64_t n, uint64_t* words) { return pack_bits_sse2(x, n, words); }

@@ -1,8 +1,9 @@
-// Whether the CPU kernels take their hand-written AVX2 paths (bits.h, ssa.cpp), decided once per
-// process: where the CPU has AVX2 and BMI1, unless the environment variable SPIKEOPS_NO_AVX2 is set
-// to anything but "" or "0" when the extension first asks; the tests set it to run the portable
-// paths on an AVX2 machine (tests/test_simd_paths.py). (Functions compiled with target_clones pick
-// their clone by the CPU alone.)
+// Which hand-written SIMD paths the CPU kernels take (bits.h, ssa.cpp), decided once per process:
+//   AVX2 where the CPU has AVX2 and BMI1, unless the environment variable SPIKEOPS_NO_AVX2 is set;
+//   AVX-512 where it also has AVX-512 F and BW, unless SPIKEOPS_NO_AVX2 or SPIKEOPS_NO_AVX512 is set
+// ("set": to anything but "" or "0" when the extension first asks). The tests set them to run the
+// narrower paths on a wider machine (tests/test_simd_paths.py). (Functions compiled with
+// target_clones pick their clone by the CPU alone.)
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -11,12 +12,20 @@ namespace spikeops {
 namespace cpu {
 
 #if defined(__x86_64__) && defined(__GNUC__)
+inline bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
 inline bool avx2_enabled() {
-  static const bool enabled = [] {
-    const char* off = std::getenv("SPIKEOPS_NO_AVX2");
-    const bool forced_off = off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0;
-    return !forced_off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi");
-  }();
+  static const bool enabled =
+      !env_flag("SPIKEOPS_NO_AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi");
+  return enabled;
+}
+
+inline bool avx512_enabled() {
+  static const bool enabled = avx2_enabled() && !env_flag("SPIKEOPS_NO_AVX512") &&
+                              __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return enabled;
 }
 #endif

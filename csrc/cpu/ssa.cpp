@@ -13,7 +13,7 @@
 //   3. forms Y[n] = the sum of the K^T V rows over the spikes of Q[n], and steps the neuron.
 // The sums are exact integer lanes, int16 when every count fits (N d <= 32767: K^T V <= N,
 // Y <= d N), else int32, accumulated in registers over blocks of up to 4 vectors of columns (int16
-// lanes: AVX2 intrinsics where the CPU has AVX2, picked at run time; else GCC vector code).
+// lanes: AVX-512 or AVX2 intrinsics where the CPU has them, picked at run time; else GCC vector code).
 // While step 3 runs, the next step's q, k, v rows are prefetched (reading them bounds the op).
 //
 // Backward (ssa_backward), from the packed q, k, v that forward saved and dL/dS, per (batch, head):
@@ -428,12 +428,118 @@ inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) 
   }
 }
 
+#if SPIKEOPS_SSA_AVX2
+// The same int16-lane sums and neuron with AVX-512, taken where avx512_enabled() and the block of
+// columns is whole 64-byte vectors (kVecs even: kZ = kVecs / 2 vectors of 32 lanes per table row;
+// tables laid out as above). Same counts, spikes and H: the neuron's arithmetic is lif8's, 16 lanes
+// at a time, a lane mask covering the last columns when 16 does not divide d.
+#define SPIKEOPS_AVX512 __attribute__((target("avx512f,avx512bw,bmi")))
+
+// sum_lanes_avx2 with 32 lanes per vector.
+template <int kZ>
+SPIKEOPS_AVX512 inline __attribute__((always_inline)) void sum_lanes_avx512(const uint64_t* bits, int64_t W,
+                                                                            int64_t unrolled, const int16_t* rows,
+                                                                            __m512i* acc) {
+  constexpr int64_t kCols = 32 * kZ;
+  auto add = [acc](const int16_t* row) SPIKEOPS_AVX512 __attribute__((always_inline)) {
+    for (int i = 0; i < kZ; ++i) acc[i] = _mm512_add_epi16(acc[i], _mm512_loadu_si512(row + 32 * i));
+  };
+  for (int i = 0; i < kZ; ++i) acc[i] = _mm512_setzero_si512();
+  if (W == 1) {
+    uint64_t m = bits[0];
+    for (int64_t r = 0; r < unrolled; ++r, m = _blsr_u64(m)) add(rows + _tzcnt_u64(m) * kCols);
+    for (; m; m &= m - 1) add(rows + __builtin_ctzll(m) * kCols);
+  } else {
+    for (int64_t word = 0; word < W; ++word)
+      for (uint64_t m = bits[word]; m; m &= m - 1) add(rows + (word * 64 + __builtin_ctzll(m)) * kCols);
+  }
+}
+
+// key_value_counts: V's rows as 0/1 lanes (a 32-bit chunk of a row is the mask of one vector),
+// K's columns, the sums.
+template <int kVecs>
+SPIKEOPS_AVX512 void key_value_counts_avx512(const uint64_t* kb, const uint64_t* vb, Work<int16_t, kVecs>& w) {
+  constexpr int kZ = kVecs / 2;
+  constexpr int64_t kCols = Work<int16_t, kVecs>::kCols;
+  const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N), unrolled = unrolled_bits(N);
+  const __m512i ones = _mm512_set1_epi16(1);
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    for (int64_t m = 0; m < N; ++m) {
+      for (int i = 0; i < kZ; ++i) {
+        const int64_t j = b * kCols + 32 * i;  // 32 divides 64: the chunk is in one word
+        const __mmask32 chunk = j < d ? static_cast<__mmask32>(vb[m * Wd + j / 64] >> (j % 64)) : 0;
+        _mm512_storeu_si512(w.vlanes.data() + (b * w.vl_rows + m) * kCols + 32 * i, _mm512_maskz_mov_epi16(chunk, ones));
+      }
+    }
+  }
+  columns(kb, N, d, w.kcol.data());
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    for (int64_t ch = 0; ch < d; ++ch) {
+      __m512i acc[kZ];
+      sum_lanes_avx512<kZ>(w.kcol.data() + ch * WN, WN, unrolled, w.vlanes.data() + b * w.vl_rows * kCols, acc);
+      for (int i = 0; i < kZ; ++i) _mm512_storeu_si512(w.kv.data() + (b * w.kv_rows + ch) * kCols + 32 * i, acc[i]);
+    }
+  }
+}
+
+// lif8 for the lanes of 16 columns: their potentials vm, their outputs o.
+template <bool kKeepH, bool kMulTau>
+SPIKEOPS_AVX512 inline __attribute__((always_inline)) void lif16(__m512 y, float scale, LifConsts c, float inv_tau,
+                                                                 __mmask16 lanes, float* vm, float* o) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 x = _mm512_mul_ps(y, _mm512_set1_ps(scale));
+  const __m512 v = _mm512_maskz_loadu_ps(lanes, vm);
+  const __m512 dv = _mm512_sub_ps(x, v);
+  const __m512 h = _mm512_add_ps(v, kMulTau ? _mm512_mul_ps(dv, _mm512_set1_ps(inv_tau))
+                                            : _mm512_div_ps(dv, _mm512_set1_ps(c.tau)));
+  const __mmask16 fire = _mm512_cmp_ps_mask(_mm512_sub_ps(h, _mm512_set1_ps(c.v_threshold)), zero, _CMP_GE_OQ);
+  const __m512 reset = _mm512_mask_blend_ps(fire, h, _mm512_add_ps(zero, _mm512_mul_ps(zero, h)));
+  _mm512_mask_storeu_ps(vm, lanes, reset);
+  _mm512_mask_storeu_ps(o, lanes, kKeepH ? h : _mm512_maskz_mov_ps(fire, _mm512_set1_ps(1.0f)));
+}
+
+template <bool kKeepH, bool kMulTau, int kVecs>
+SPIKEOPS_AVX512 void attention_neuron_rows_avx512(const uint64_t* qb, float scale, LifConsts c, float inv_tau,
+                                                  Work<int16_t, kVecs>& w, const char* const* next, int64_t row_bytes,
+                                                  float* out) {
+  constexpr int kZ = kVecs / 2;
+  constexpr int64_t kCols = Work<int16_t, kVecs>::kCols;
+  const int64_t N = w.N, d = w.d, Wd = words_for(d), unrolled = unrolled_bits(d);
+  auto lanes = [d](int64_t j) { return j + 16 <= d ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (d - j)) - 1); };
+  for (int64_t n = 0; n < N; ++n) {
+    prefetch_rows(next, n, row_bytes);
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      __m512i acc[kZ];
+      sum_lanes_avx512<kZ>(qb + n * Wd, Wd, unrolled, w.kv.data() + b * w.kv_rows * kCols, acc);
+      for (int i = 0; i < kZ; ++i) {  // y is exact below 2^24, as the reference's fp32 products
+        const int64_t j = b * kCols + 32 * i;
+        float* vm = w.vmem.data() + n * d + j;
+        float* o = out + n * d + j;
+        if (j < d) {
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[i])));
+          lif16<kKeepH, kMulTau>(lo, scale, c, inv_tau, lanes(j), vm, o);
+        }
+        if (j + 16 < d) {
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc[i], 1)));
+          lif16<kKeepH, kMulTau>(hi, scale, c, inv_tau, lanes(j + 16), vm + 16, o + 16);
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <typename Count, int kVecs>
 SPIKEOPS_SIMD_CLONES
 void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>& w) {
   using Vec = typename Lanes<Count>::Vec;
   constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N);
+#if SPIKEOPS_SSA_AVX2
+  if constexpr (std::is_same_v<Count, int16_t> && kVecs % 2 == 0) {
+    if (avx512_enabled()) return key_value_counts_avx512(kb, vb, w);
+  }
+#endif
   Vec lane_bit;  // V's bits -> 0/1 lanes: each lane tests its bit of a broadcast chunk
   for (int64_t i = 0; i < kWidth; ++i) lane_bit[i] = static_cast<Count>(1u << i);
   for (int64_t b = 0; b < w.blocks; ++b) {
@@ -495,6 +601,13 @@ void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Co
   const bool mul_tau = std::frexp(c.tau, &exponent) == 0.5f;  // tau a power of two
   const float inv_tau = mul_tau ? 1.0f / c.tau : 0.0f;
 #if SPIKEOPS_SSA_AVX2
+  if constexpr (std::is_same_v<Count, int16_t> && kVecs % 2 == 0) {
+    if (avx512_enabled()) {
+      if (mul_tau) attention_neuron_rows_avx512<kKeepH, true>(qb, scale, c, inv_tau, w, next, row_bytes, out);
+      else attention_neuron_rows_avx512<kKeepH, false>(qb, scale, c, inv_tau, w, next, row_bytes, out);
+      return;
+    }
+  }
   if constexpr (std::is_same_v<Count, int16_t>) {
     if (avx2_enabled()) {
       if (mul_tau) attention_neuron_rows_avx2<kKeepH, true>(qb, scale, c, inv_tau, w, next, row_bytes, out);
