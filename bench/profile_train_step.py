@@ -66,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per build before profiling")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per build")
     parser.add_argument("--builds", default=",".join(ts.BUILDS), help="comma-separated subset of " + ",".join(ts.BUILDS))
+    parser.add_argument("--amp", default="off", choices=sorted(ts.AMP_DTYPES), help="autocast dtype, as bench_train_step")
     args = parser.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cpu":
@@ -76,15 +77,15 @@ def main(argv=None) -> None:
     models = ts.builds(case, dev)
     batch = case["batch"][dev.type]
     x, y = ts.random_batch(case, batch, models["spikeops"], dev)
-    print(f"## {case['model']} b{batch} T{models['spikeops'].T} {case['img']}px on {dev}"
+    print(f"## {case['model']} b{batch} T{models['spikeops'].T} {case['img']}px amp {args.amp} on {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))
     results = {}
     for name in args.builds.split(","):
         if name in models:
             model = models[name]
-            step = ts.train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), x, y)
+            step = ts.train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), x, y, args.amp)
             results[name] = profile_build(name, step, dev, args.steps, args.top)
-    H.write_json(f"profile_train_step_{args.case}_{dev.type}", {**H.run_header(dev), "results": results})
+    H.write_json(f"profile_train_step_{args.case}_{dev.type}" + ("" if args.amp == "off" else f"_{args.amp}"), {**H.run_header(dev), "results": results})
 
 
 if __name__ == "__main__":

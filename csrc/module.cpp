@@ -25,6 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_scatter", &spikeops::cpu::masked_scatter, "scatter [nb, C, bh, bw] blocks into a zero [N, C, H, W]");
   m.def("masked_conv2d_forward", &spikeops::cpu::masked_conv2d_forward, "conv2d on the visible output blocks");
   m.def("masked_conv2d_backward", &spikeops::cpu::masked_conv2d_backward, "masked conv2d backward");
+  m.def("max_pool2d_forward", &spikeops::cpu::max_pool2d_forward, "max pooling of [N, C, H, W], dilation 1");
+  m.def("max_pool2d_backward", &spikeops::cpu::max_pool2d_backward, "its backward, argmax found from the input");
+  m.def("max_pool2d_backward_bits", &spikeops::cpu::max_pool2d_backward_bits, "its backward for 0/1 input given as bits");
   m.def("avx2_enabled", [] {
 #if defined(__x86_64__) && defined(__GNUC__)
     return spikeops::cpu::avx2_enabled();

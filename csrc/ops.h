@@ -72,6 +72,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
 std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
     const at::Tensor& grad_out, const at::Tensor& k_words, const at::Tensor& h, double v_threshold, double tau);
 
+// csrc/cpu/max_pool.cpp: max pooling of [N, C, H, W] (dilation 1, floor output size); the backward
+// finds the argmax itself (ATen's tie-break), for gradients equal to max_pool2d_with_indices_backward's.
+at::Tensor max_pool2d_forward(const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
+                              int64_t pW);
+at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH,
+                               int64_t sW, int64_t pH, int64_t pW);
+// The backward for 0/1 input given as words: int64, the N C H W input's bits in flat order.
+at::Tensor max_pool2d_backward_bits(const at::Tensor& grad_out, const at::Tensor& words, int64_t H, int64_t W,
+                                    int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH, int64_t pW);
+
 // Masked (block-sparse) convolution, csrc/cpu/masked_conv.cpp. blocks: contiguous int32 [nb, 3]
 // (n, by, bx) of the visible bh x bw blocks, in torch.nonzero order.
 // x [N, C, H, W] contiguous -> the visible blocks [nb, C, bh, bw], channels last (= pixel-major

@@ -121,8 +121,9 @@ def has_kernel(op: str, fn: str, backend: str) -> bool:
     for kernels that only some backends have, falling back to a composite of the others."""
     if backend == "cpp":
         return hasattr(_cpp, fn)
-    if backend == "triton":
-        return hasattr(importlib.import_module(f"spikeops.triton.{op}"), fn)
+    if backend == "triton":  # ops with C++ kernels only have no module there
+        return (importlib.util.find_spec(f"spikeops.triton.{op}") is not None
+                and hasattr(importlib.import_module(f"spikeops.triton.{op}"), fn))
     return False
 
 

@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from spikeops.ops.compact import compact, memory_format, restore
 from spikeops.ops.known_counts import same_counts
+from spikeops.ops.max_pool import max_pool2d, max_pool2d_backward_saved
 from spikeops.ops.pack import word_rows
 
 
@@ -204,24 +205,22 @@ class SpikeConv2d(_SpikeConvNd, nn.Conv2d):
 
 
 class _CompactMaxPool2d(torch.autograd.Function):
-    """``max_pool2d`` saving its input compactly; backward recomputes the argmax indices from
-    it (same kernel, same tie-break: the first maximum in the window) instead of keeping the
-    int64 indices (8 bytes per output) and the fp32 input."""
+    """``max_pool2d`` saving its input compactly; backward finds the argmax from it (ATen's
+    tie-break: the first maximum in the window; :mod:`spikeops.ops.max_pool`) instead of keeping
+    the int64 indices (8 bytes per output) and the fp32 input."""
 
     @staticmethod
     def forward(ctx, x, args):
         ctx.args, ctx.shape = args, x.shape
         saved, ctx.meta = _compact_input(x, 1)
         ctx.save_for_backward(saved)
-        return same_counts(x, torch.ops.aten.max_pool2d(x, *args))  # maxima of spikes are spikes
+        return same_counts(x, max_pool2d(x, args))  # maxima of spikes are spikes
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         (saved,) = ctx.saved_tensors
-        x = restore(saved, ctx.meta).view(ctx.shape)
-        _, indices = torch.ops.aten.max_pool2d_with_indices(x, *ctx.args)
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.args, indices), None
+        return max_pool2d_backward_saved(grad, saved, ctx.meta, ctx.shape, ctx.args), None
 
 
 class SpikeMaxPool2d(nn.MaxPool2d):

@@ -1,0 +1,210 @@
+// 2-d max pooling on the CPU for [N, C, H, W] contiguous input (dilation 1, floor output size):
+// the forward and a backward that finds each window's argmax itself, so that a layer can keep its
+// (spike) input compactly instead of the int64 indices (spikeops/nn/spike_layers.py).
+//
+//   out[n, c, oy, ox] = max over the window rows iy in [oy sH - pH, + kH), cols ix in [ox sW - pW, + kW)
+//                       (clipped to the input; NaN if the window holds one)
+//   grad_in[n, c, argmax] += grad_out[n, c, oy, ox], outputs taken in order
+//
+// argmax is ATen's (aten/src/ATen/native/cpu/MaxPoolKernel.cpp, described, not copied): the window
+// is scanned row by row, a value replacing the running maximum (from -inf, index the window's first
+// position) when it is greater or NaN. The backward adds in the order ATen's does, so gradients
+// are bitwise equal to max_pool2d_with_indices_backward's.
+//
+// max_pool2d_backward_bits: the same for 0/1 input given as bits (the flat N C H W order packed into
+// int64 words, as spikeops.ops.compact saves a layer's contiguous spike input): the argmax is the
+// first set bit of the window in row-major order, or its first position when it has none.
+//
+// Forward: separable. Per output row, the max over the window's rows is taken for the whole input
+// row (contiguous, vectorised), then over each window's columns. The values are the window's
+// maximum either way (only the sign of a zero maximum may differ from ATen's first-in-scan-order
+// pick: -0. and 0. compare equal). The planes (n, c) are split over the threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../ops.h"
+
+namespace spikeops {
+namespace cpu {
+namespace {
+
+struct Window {
+  int64_t k, s, p, in, out;
+  int64_t begin(int64_t o) const { return std::max<int64_t>(o * s - p, 0); }
+  int64_t end(int64_t o) const { return std::min<int64_t>(o * s - p + k, in); }
+};
+
+// The running maximum's update (ATen's): greater, or NaN.
+template <typename T>
+inline bool replaces(T val, T maxval) { return val > maxval || std::isnan(val); }
+
+void check(const char* op, const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH, int64_t pW) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), op, ": input must be a contiguous [N, C, H, W] tensor");
+  TORCH_CHECK(kH > 0 && kW > 0 && sH > 0 && sW > 0 && pH >= 0 && pW >= 0 && 2 * pH <= kH && 2 * pW <= kW, op,
+              ": need kernel > 0, stride > 0, 0 <= padding <= kernel / 2");
+  TORCH_CHECK(x.size(2) + 2 * pH >= kH && x.size(3) + 2 * pW >= kW, op, ": the padded input is smaller than the kernel");
+}
+
+Window rows_of(const at::Tensor& x, int64_t k, int64_t s, int64_t p) {
+  const int64_t in = x.size(2);
+  return {k, s, p, in, (in + 2 * p - k) / s + 1};
+}
+
+Window cols_of(const at::Tensor& x, int64_t k, int64_t s, int64_t p) {
+  const int64_t in = x.size(3);
+  return {k, s, p, in, (in + 2 * p - k) / s + 1};
+}
+
+}  // namespace
+
+at::Tensor max_pool2d_forward(const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
+                              int64_t pW) {
+  check("max_pool2d_forward", x, kH, kW, sH, sW, pH, pW);
+  const Window R = rows_of(x, kH, sH, pH), Cw = cols_of(x, kW, sW, pW);
+  const int64_t planes = x.size(0) * x.size(1), H = R.in, W = Cw.in;
+  auto out = at::empty({x.size(0), x.size(1), R.out, Cw.out}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float for fp16 / bf16: exact, the maximum is an input
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<acc_t> rowmax(W);
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const scalar_t* src = in + plane * H * W;
+        for (int64_t oy = 0; oy < R.out; ++oy) {
+          const int64_t y0 = R.begin(oy), y1 = R.end(oy);
+          acc_t* m = rowmax.data();
+          for (int64_t ix = 0; ix < W; ++ix) m[ix] = static_cast<acc_t>(src[y0 * W + ix]);
+          for (int64_t iy = y0 + 1; iy < y1; ++iy) {
+            const scalar_t* row = src + iy * W;
+            for (int64_t ix = 0; ix < W; ++ix) {
+              const acc_t v = static_cast<acc_t>(row[ix]);
+              m[ix] = replaces(v, m[ix]) ? v : m[ix];
+            }
+          }
+          scalar_t* dst = o + (plane * R.out + oy) * Cw.out;
+          for (int64_t ox = 0; ox < Cw.out; ++ox) {
+            const int64_t x0 = Cw.begin(ox), x1 = Cw.end(ox);
+            acc_t best = m[x0];
+            for (int64_t ix = x0 + 1; ix < x1; ++ix) best = replaces(m[ix], best) ? m[ix] : best;
+            dst[ox] = static_cast<scalar_t>(best);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH,
+                               int64_t sW, int64_t pH, int64_t pW) {
+  check("max_pool2d_backward", x, kH, kW, sH, sW, pH, pW);
+  const Window R = rows_of(x, kH, sH, pH), Cw = cols_of(x, kW, sW, pW);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.sizes() == at::IntArrayRef({x.size(0), x.size(1), R.out, Cw.out}),
+              "max_pool2d_backward: grad_out must be contiguous, of the input's dtype and the output's shape");
+  const int64_t planes = x.size(0) * x.size(1), H = R.in, W = Cw.in;
+  auto grad_in = at::empty_like(x);  // zeroed a plane at a time below, while it is in cache
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = x.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const scalar_t* src = in + plane * H * W;
+        const scalar_t* go = g + plane * R.out * Cw.out;
+        scalar_t* dst = gi + plane * H * W;
+        std::fill(dst, dst + H * W, scalar_t(0));
+        for (int64_t oy = 0; oy < R.out; ++oy) {
+          const int64_t y0 = R.begin(oy), y1 = R.end(oy);
+          for (int64_t ox = 0; ox < Cw.out; ++ox) {
+            const int64_t x0 = Cw.begin(ox), x1 = Cw.end(ox);
+            int64_t arg = y0 * W + x0;
+            acc_t best = -std::numeric_limits<acc_t>::infinity();
+            for (int64_t iy = y0; iy < y1; ++iy) {
+              for (int64_t ix = x0; ix < x1; ++ix) {
+                const acc_t v = static_cast<acc_t>(src[iy * W + ix]);
+                const bool take = replaces(v, best);  // selects, not branches: spikes tie at random
+                best = take ? v : best;
+                arg = take ? iy * W + ix : arg;
+              }
+            }
+            dst[arg] += go[oy * Cw.out + ox];
+          }
+        }
+      }
+    });
+  });
+  return grad_in;
+}
+
+at::Tensor max_pool2d_backward_bits(const at::Tensor& grad_out, const at::Tensor& words, int64_t H, int64_t W,
+                                    int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH, int64_t pW) {
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.is_contiguous(), "max_pool2d_backward_bits: grad_out must be a contiguous [N, C, H_out, W_out] tensor");
+  const at::Tensor shape_of = at::empty({1, 1, H, W}, grad_out.options().device(at::kMeta));
+  check("max_pool2d_backward_bits", shape_of, kH, kW, sH, sW, pH, pW);
+  TORCH_CHECK(kW <= 64, "max_pool2d_backward_bits: kernel width must be <= 64");
+  const Window R = rows_of(shape_of, kH, sH, pH), Cw = cols_of(shape_of, kW, sW, pW);
+  const int64_t planes = grad_out.size(0) * grad_out.size(1);
+  TORCH_CHECK(grad_out.size(2) == R.out && grad_out.size(3) == Cw.out, "max_pool2d_backward_bits: grad_out must be [N, C, ",
+              R.out, ", ", Cw.out, "] for a ", H, " x ", W, " input");
+  TORCH_CHECK(words.scalar_type() == at::kLong && words.is_contiguous() && words.numel() * 64 == planes * H * W,
+              "max_pool2d_backward_bits: words must be contiguous int64 holding the N C H W input bits in order");
+  auto grad_in = at::empty({grad_out.size(0), grad_out.size(1), H, W}, grad_out.options());
+  const uint64_t* bits = reinterpret_cast<const uint64_t*>(words.const_data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward_bits", [&] {
+    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t plane = p0; plane < p1; ++plane) {
+        const scalar_t* go = g + plane * R.out * Cw.out;
+        scalar_t* dst = gi + plane * H * W;
+        std::fill(dst, dst + H * W, scalar_t(0));
+        for (int64_t oy = 0; oy < R.out; ++oy) {
+          const int64_t y0 = R.begin(oy), y1 = R.end(oy);
+          for (int64_t ox = 0; ox < Cw.out; ++ox) {
+            const int64_t x0 = Cw.begin(ox), len = Cw.end(ox) - x0;
+            const uint64_t lane_mask = len == 64 ? ~0ull : (1ull << len) - 1;
+            // bits e .. e + len of the input row iy, e its flat index: one word or two
+            auto run = [&](int64_t iy) {
+              const int64_t e = (plane * H + iy) * W + x0, word = e >> 6, shift = e & 63;
+              uint64_t r = bits[word] >> shift;
+              if (shift + len > 64) r |= bits[word + 1] << (64 - shift);
+              return r & lane_mask;
+            };
+            int64_t arg = y0 * W + x0;  // no spike: the first position (0 > -inf)
+            if (len <= 16 && y1 - y0 <= 4) {
+              // the window's rows 16 bits apart in one word: its first set bit is the first spike in
+              // row-major order, found without a branch on the data (spikes fall at random)
+              uint64_t all = 0;
+              for (int64_t r = 0; r < y1 - y0; ++r) all |= run(y0 + r) << (16 * r);
+              const int64_t k = __builtin_ctzll(all | (1ull << 63));
+              arg = all ? (y0 + (k >> 4)) * W + x0 + (k & 15) : arg;
+            } else {
+              for (int64_t iy = y0; iy < y1; ++iy) {
+                const uint64_t r = run(iy);
+                if (r) {
+                  arg = iy * W + x0 + __builtin_ctzll(r);
+                  break;
+                }
+              }
+            }
+            dst[arg] += go[oy * Cw.out + ox];
+          }
+        }
+      }
+    });
+  });
+  return grad_in;
+}
+
+}  // namespace cpu
+}  // namespace spikeops
