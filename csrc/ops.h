@@ -17,15 +17,17 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
     const at::Tensor& x, double tau, double v_threshold, double v_reset,
     bool hard_reset, bool decay_input, bool save_h, bool state_bf16);
 
-// The fp32 state H [T, N] alone, as lif_forward computes it (no spike tensor): for backward
-// passes that recompute the neuron's state.
-at::Tensor lif_state(const at::Tensor& x, double tau, double v_threshold, double v_reset, bool hard_reset,
-                     bool decay_input);
-
 // grad_spikes: [T, N] (any float dtype), h: [T, N] state from lif_forward (fp32 or bf16).
 // Returns grad_x [T, N] in grad_spikes' dtype.
 at::Tensor lif_backward(
     const at::Tensor& grad_spikes, const at::Tensor& h, double tau, double v_threshold,
+    double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
+    int64_t surrogate, double alpha);
+// lif_backward(grad_spikes, H, ...) with H the fp32 state lif_forward(x) saves, recomputed per chunk
+// of neurons from the forward's input x [T, N] (same values, same gradients) and never written out:
+// for backward passes that keep x instead of H (batch_norm_lif).
+at::Tensor lif_backward_from_input(
+    const at::Tensor& grad_spikes, const at::Tensor& x, double tau, double v_threshold,
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
     int64_t surrogate, double alpha);
 

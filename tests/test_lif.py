@@ -89,17 +89,22 @@ def test_long_sequences(backend):
     assert_grads_close(gx, ref_gx)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("v_reset,decay_input", [(0.0, True), (None, False), (-0.4, True)])
-def test_state_alone_is_the_state_forward_saves(backend, dtype, v_reset, decay_input):
-    # lif_state: what backward passes that recompute the neuron use (batch_norm_lif, SSA)
-    from spikeops.ops.lif import _lif_forward, _lif_state
-    x = lif_input((5, 1000), dtype, device_for(backend))
-    args = (1.7, 0.6, 0.0 if v_reset is None else v_reset, v_reset is not None, decay_input)
-    spikes, saved = _lif_forward(x, *args, True, 0, 4.0, True, False, backend)
-    h = _lif_state(x, *args, backend)
-    assert h.dtype == torch.float32 and torch.equal(h, saved) and 0 < spikes.sum() < spikes.numel()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# 2100 neurons: several C++ chunks of 512 and tasks of 2048 (the Triton interpreter gets the small shapes)
+@pytest.mark.parametrize("backend,T,N", [(b, T, N) for b in KERNEL_BACKENDS for T, N in [(1, 7), (4, 1000), (7, 2100)]
+                                         if b != "triton" or N <= 1000])
+# tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha
+@pytest.mark.parametrize("settings", [(2.0, 1.0, 0.0, True, True, True, 0, 4.0), (1.7, 0.6, -0.4, True, False, False, 1, 2.0),
+                                      (3.0, 0.5, 0.0, False, True, False, 0, 3.0)])
+def test_backward_from_the_input_equals_backward_from_the_saved_state(backend, dtype, T, N, settings):
+    # lif_backward_from_input: batch_norm_lif's backward (C++: H never written out)
+    from spikeops.ops.lif import _lif_backward, _lif_backward_from_input, _lif_forward
+    device = device_for(backend)
+    x, grad = lif_input((T, N), dtype, device), lif_input((T, N), dtype, device, seed=3)
+    spikes, h = _lif_forward(x, *settings, True, False, backend)
+    expected = _lif_backward(grad, h, *settings, backend)
+    assert torch.equal(_lif_backward_from_input(grad, x, *settings, backend), expected)
+    assert 0 < spikes.sum() < spikes.numel() and expected.abs().sum() > 0
 
 
 def test_cpp_spreads_many_neurons_over_threads_without_changing_results():

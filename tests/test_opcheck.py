@@ -34,13 +34,15 @@ def cases(backend):
     # lif: x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, save_h, state_bf16
     out += [(OPS.lif_forward, (x, 2.0, 1.0, 0.0, True, True, True, 0, 4.0, True, False, backend)),
             (OPS.lif_forward, (x, 3.0, 0.5, 0.0, False, False, False, 1, 2.0, True, True, backend)),
-            (OPS.lif_forward, (x.detach(), 2.0, 1.0, 0.0, True, True, True, 0, 4.0, False, False, backend)),
-            (OPS.lif_state, (x.detach(), 2.0, 1.0, 0.0, True, True, backend)),
-            (OPS.lif_state, (x.detach().bfloat16(), 3.0, 0.5, 0.0, False, False, backend))]
+            (OPS.lif_forward, (x.detach(), 2.0, 1.0, 0.0, True, True, True, 0, 4.0, False, False, backend))]
     h = randn(4, 37, seed=1, device=d) + 1.0
     out += [(OPS.lif_backward, (randn(4, 37, seed=2, device=d), h, 2.0, 1.0, 0.0, True, True, False, 1, 2.0, backend)),
             (OPS.lif_backward, (randn(4, 37, seed=2, device=d), h.bfloat16(), 2.0, 1.0, 0.0, False, True, True, 0,
                                 4.0, backend))]
+    out += [(OPS.lif_backward_from_input, (randn(4, 37, seed=2, device=d), x.detach(), 2.0, 1.0, 0.0, True, True,
+                                           False, 1, 2.0, backend)),
+            (OPS.lif_backward_from_input, (randn(4, 37, seed=2, device=d).bfloat16(), x.detach().bfloat16(), 3.0,
+                                           0.5, 0.0, False, False, True, 0, 4.0, backend))]
     # pack / unpack: x [R, n] -> (words, all-binary flag)
     s = spikes(5, 70, device=d)
     words = spikeops.pack_spikes(s, backend=backend).words

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "../ops.h"
 #include "lif_math.h"
@@ -127,13 +128,14 @@ void load_state(const float* h, const uint16_t* h_bf16, float* d, int64_t n, Lif
 
 constexpr int64_t kGrain = 4 * kChunk;
 
-// lif_forward, and lif_state (write_spikes false: H alone, no spike tensor).
-std::tuple<at::Tensor, at::Tensor> lif_run(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lif_forward(
     const at::Tensor& x, double tau, double v_threshold, double v_reset,
-    bool hard_reset, bool decay_input, bool save_h, bool state_bf16, bool write_spikes) {
+    bool hard_reset, bool decay_input, bool save_h, bool state_bf16) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "lif_forward: x must be contiguous [T, N]");
   const int64_t T = x.size(0), N = x.size(1);
-  auto spikes = write_spikes ? at::empty_like(x) : at::empty({0}, x.options());
+  auto spikes = at::empty_like(x);
   const auto state_type = state_bf16 ? at::kBFloat16 : at::kFloat;
   auto h = save_h ? at::empty({T, N}, x.options().dtype(state_type))
                   : at::empty({0}, x.options().dtype(state_type));
@@ -141,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> lif_run(
                     static_cast<float>(hard_reset ? v_reset : 0.0)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* sp = write_spikes ? spikes.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* sp = spikes.mutable_data_ptr<scalar_t>();
     float* hp = save_h && !state_bf16 ? h.mutable_data_ptr<float>() : nullptr;
     uint16_t* hbp = save_h && state_bf16 ? reinterpret_cast<uint16_t*>(h.mutable_data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
@@ -151,10 +153,10 @@ std::tuple<at::Tensor, at::Tensor> lif_run(
         std::fill(v, v + n, c.v_reset);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t off = t * N + c0;
-          float* s_out = sp ? float_out(sp + off, sbuf) : sbuf;
+          float* s_out = float_out(sp + off, sbuf);
           step_forward(as_float(xp + off, xbuf, n), v, s_out, hp ? hp + off : hbuf, n, c,
                        hard_reset, decay_input);
-          if (sp) store_from_float(sp + off, s_out, n);
+          store_from_float(sp + off, s_out, n);
           if (hbp) store_state_bf16(hbuf, hbp + off, n, c);
         }
       }
@@ -163,18 +165,6 @@ std::tuple<at::Tensor, at::Tensor> lif_run(
   return {spikes, h};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> lif_forward(
-    const at::Tensor& x, double tau, double v_threshold, double v_reset,
-    bool hard_reset, bool decay_input, bool save_h, bool state_bf16) {
-  return lif_run(x, tau, v_threshold, v_reset, hard_reset, decay_input, save_h, state_bf16, true);
-}
-
-at::Tensor lif_state(const at::Tensor& x, double tau, double v_threshold, double v_reset, bool hard_reset,
-                     bool decay_input) {
-  return std::get<1>(lif_run(x, tau, v_threshold, v_reset, hard_reset, decay_input, true, false, false));
-}
 
 at::Tensor lif_backward(
     const at::Tensor& grad_spikes, const at::Tensor& h, double tau, double v_threshold,
@@ -206,6 +196,48 @@ at::Tensor lif_backward(
           const int64_t off = t * N + c0;
           float* gx_out = float_out(gxp + off, gxbuf);
           load_state(hp ? hp + off : nullptr, hbp ? hbp + off : nullptr, dbuf, n, c);
+          step_backward(as_float(gsp + off, gsbuf, n), dbuf, gv, gx_out, n, c, a,
+                        hard_reset, detach_reset, surrogate, decay_input);
+          store_from_float(gxp + off, gx_out, n);
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+at::Tensor lif_backward_from_input(
+    const at::Tensor& grad_spikes, const at::Tensor& x, double tau, double v_threshold,
+    double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
+    int64_t surrogate, double alpha) {
+  TORCH_CHECK(grad_spikes.dim() == 2 && grad_spikes.is_contiguous(),
+              "lif_backward_from_input: grad_spikes must be contiguous [T, N]");
+  TORCH_CHECK(x.sizes() == grad_spikes.sizes() && x.is_contiguous() && x.scalar_type() == grad_spikes.scalar_type(),
+              "lif_backward_from_input: x must be the contiguous [T, N] input of the forward, in grad_spikes' dtype");
+  TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, "lif_backward_from_input: unknown surrogate id");
+  const int64_t T = grad_spikes.size(0), N = grad_spikes.size(1);
+  auto grad_x = at::empty_like(grad_spikes);
+  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold),
+                    static_cast<float>(hard_reset ? v_reset : 0.0)};
+  const float a = static_cast<float>(alpha);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward_from_input", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> h(T * kChunk);  // the chunk's H over all steps, as lif_forward saves it
+      float v[kChunk], xbuf[kChunk], sbuf[kChunk], gv[kChunk], gsbuf[kChunk], gxbuf[kChunk], dbuf[kChunk];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, end - c0);
+        std::fill(v, v + n, c.v_reset);
+        for (int64_t t = 0; t < T; ++t)  // lif_run's forward steps, spikes discarded
+          step_forward(as_float(xp + t * N + c0, xbuf, n), v, sbuf, h.data() + t * kChunk, n, c, hard_reset,
+                       decay_input);
+        std::fill(gv, gv + n, 0.0f);
+        for (int64_t t = T - 1; t >= 0; --t) {  // lif_backward's steps
+          const int64_t off = t * N + c0;
+          float* gx_out = float_out(gxp + off, gxbuf);
+          load_state(h.data() + t * kChunk, nullptr, dbuf, n, c);
           step_backward(as_float(gsp + off, gsbuf, n), dbuf, gv, gx_out, n, c, a,
                         hard_reset, detach_reset, surrogate, decay_input);
           store_from_float(gxp + off, gx_out, n);

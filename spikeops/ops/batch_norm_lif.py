@@ -8,7 +8,8 @@ Unfused, autograd keeps BatchNorm's input ``Y`` (fp32) *and* the neuron's membra
 ``Z = BN(Y)`` with the same kernel (cuDNN's where ``nn.BatchNorm`` would use it, else ATen's) and
 the same batch statistics (bit-identical to the forward's ``Z``), reruns the LIF forward kernel on
 it for ``H`` alone (``lif_state``), and then runs the LIF and BatchNorm backward kernels, so the
-gradients are those of the two layers called in turn. The extra work is one BatchNorm forward
+gradients are those of the two layers called in turn. On the C++ backend the LIF steps are one
+kernel (``lif_backward_from_input``: ``H`` recomputed a chunk of neurons at a time, never written). The extra work is one BatchNorm forward
 and one LIF forward pass: no matmul or conv.
 
 Running statistics are updated exactly as ``nn.BatchNorm*d`` updates them (momentum, or the
@@ -23,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from spikeops import backend as _backend
 from spikeops._validation import check_float_tensor
 from spikeops.ops.known_counts import mark_counts
-from spikeops.ops.lif import SURROGATE_IDS, _lif_backward, _lif_forward, _lif_state
+from spikeops.ops.lif import SURROGATE_IDS, _lif_backward_from_input, _lif_forward
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,12 +48,12 @@ class _BatchNormLIF(torch.autograd.Function):
         z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, ctx.training, 0.0,
                                                      ctx.eps)
         args = ctx.lif_args
-        # only H is needed (no spikes); Z, then H are dropped as soon as they are used (each is a
-        # tensor the size of y, alive at this layer's peak otherwise)
-        h = _lif_state(z.view(ctx.T, -1), *args[:5], ctx.backend)
+        grad_spikes = grad_spikes.contiguous().view(ctx.T, -1)
+        # H, recomputed from Z (C++: inside the backward kernel, a chunk of neurons at a time); Z is
+        # dropped as soon as it is used (a tensor the size of y, alive at this layer's peak otherwise)
+        grad_z = _lif_backward_from_input(grad_spikes, z.view(ctx.T, -1).to(grad_spikes.dtype), *args,
+                                          ctx.backend).view(y.shape)
         del z
-        grad_z = _lif_backward(grad_spikes.contiguous().view(ctx.T, -1), h, *args, ctx.backend).view(y.shape)
-        del h
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2]]
         if ctx.training:  # cuDNN's backward where cuDNN ran the forward, as autograd does for nn.BatchNorm

@@ -101,19 +101,32 @@ def _(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach
     return torch.empty_like(grad_spikes)
 
 
-@custom_op("lif_state")
-def _lif_state(
-    x: torch.Tensor, tau: float, v_threshold: float, v_reset: float, hard_reset: bool, decay_input: bool,
+@custom_op("lif_backward_from_input")
+def _lif_backward_from_input(
+    grad_spikes: torch.Tensor,
+    x: torch.Tensor,
+    tau: float,
+    v_threshold: float,
+    v_reset: float,
+    hard_reset: bool,
+    decay_input: bool,
+    detach_reset: bool,
+    surrogate: int,
+    alpha: float,
     backend: str,
 ) -> torch.Tensor:
-    """x [T, N] contiguous -> the fp32 state H [T, N] that lif_forward saves, without the spikes:
-    for backward passes that recompute the neuron's state (one tensor less alive at their peak)."""
-    return _backend.kernel("lif", "lif_state", backend)(x, tau, v_threshold, v_reset, hard_reset, decay_input)
+    """``_lif_backward(grad_spikes, h, ...)`` with ``h`` the fp32 state ``_lif_forward(x, ...)`` saves,
+    recomputed from the forward's input (grad_spikes and x [T, N] contiguous, one dtype): for
+    backward passes that keep x instead of the state (``batch_norm_lif``). C++: one kernel, the state
+    kept for a chunk of neurons at a time and never written out (same gradients; an fp32 [T, N]
+    tensor less written and read); Triton: the state kernel, then the backward kernel."""
+    return _backend.kernel("lif", "lif_backward_from_input", backend)(
+        grad_spikes, x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha)
 
 
-@_lif_state.register_fake
-def _(x, tau, v_threshold, v_reset, hard_reset, decay_input, backend):
-    return x.new_empty(x.shape, dtype=torch.float32)
+@_lif_backward_from_input.register_fake
+def _(grad_spikes, x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha, backend):
+    return torch.empty_like(grad_spikes)
 
 
 def _setup_context(ctx, inputs, output):

@@ -46,6 +46,16 @@ def lif_state(x, tau, v_threshold, v_reset, hard_reset, decay_input):
     return h
 
 
+def lif_backward_from_input(grad_spikes, x, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate,
+                            alpha):
+    """grad_spikes, the forward's input x [T, N] -> grad_x [T, N]: lif_state then lif_backward (the C++
+    twin keeps H per chunk of neurons; Triton has no per-program scratch for it, so H goes through
+    memory as before)."""
+    h = lif_state(x, tau, v_threshold, v_reset, hard_reset, decay_input)
+    return lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate,
+                        alpha)
+
+
 def lif_backward(grad_spikes, h, tau, v_threshold, v_reset, hard_reset, decay_input, detach_reset, surrogate, alpha):
     """grad_spikes [T, N], state [T, N] from lif_forward -> grad_x [T, N] in grad_spikes' dtype."""
     T, N = grad_spikes.shape
