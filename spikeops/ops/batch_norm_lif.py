@@ -51,8 +51,7 @@ class _BatchNormLIF(torch.autograd.Function):
         grad_spikes = grad_spikes.contiguous().view(ctx.T, -1)
         # H, recomputed from Z (C++: inside the backward kernel, a chunk of neurons at a time); Z is
         # dropped as soon as it is used (a tensor the size of y, alive at this layer's peak otherwise)
-        grad_z = _lif_backward_from_input(grad_spikes, z.view(ctx.T, -1).to(grad_spikes.dtype), *args,
-                                          ctx.backend).view(y.shape)
+        grad_z = _lif_backward_from_input(grad_spikes, z.view(ctx.T, -1), *args, ctx.backend).view(y.shape)
         del z
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2]]
