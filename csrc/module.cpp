@@ -29,18 +29,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d_forward", &spikeops::cpu::max_pool2d_forward, "max pooling of [N, C, H, W], dilation 1");
   m.def("max_pool2d_backward", &spikeops::cpu::max_pool2d_backward, "its backward, argmax found from the input");
   m.def("max_pool2d_backward_bits", &spikeops::cpu::max_pool2d_backward_bits, "its backward for 0/1 input given as bits");
-  m.def("avx2_enabled", [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    return spikeops::cpu::avx2_enabled();
-#else
-    return false;
-#endif
-  }, "whether the kernels take their AVX2 paths (cpu_features.h)");
-  m.def("avx512_enabled", [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    return spikeops::cpu::avx512_enabled();
-#else
-    return false;
-#endif
-  }, "whether the kernels take their AVX-512 paths (cpu_features.h)");
+  m.def("avx2_enabled", &spikeops::cpu::avx2_enabled, "whether the kernels take their AVX2 paths (cpu_features.h)");
+  m.def("avx512_enabled", &spikeops::cpu::avx512_enabled, "whether the kernels take their AVX-512 paths (cpu_features.h)");
 }

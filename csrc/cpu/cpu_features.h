@@ -28,6 +28,9 @@ inline bool avx512_enabled() {
                               __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return enabled;
 }
+#else  // no hand-written SIMD paths off x86 / GCC
+inline bool avx2_enabled() { return false; }
+inline bool avx512_enabled() { return false; }
 #endif
 
 }  // namespace cpu

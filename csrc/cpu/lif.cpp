@@ -128,6 +128,35 @@ void load_state(const float* h, const uint16_t* h_bf16, float* d, int64_t n, Lif
 
 constexpr int64_t kGrain = 4 * kChunk;
 
+LifConsts consts_of(double tau, double v_threshold, double v_reset, bool hard_reset) {
+  return {static_cast<float>(tau), static_cast<float>(v_threshold), static_cast<float>(hard_reset ? v_reset : 0.0)};
+}
+
+// The neuron settings of a backward pass.
+struct BackwardArgs {
+  LifConsts c;
+  float alpha;
+  bool hard_reset, detach_reset, decay_input;
+  int64_t surrogate;
+};
+
+// The backward steps t = T-1 .. 0 of the n neurons from c0 (n <= kChunk): dL/dS gsp [T, N] -> dL/dX
+// gxp [T, N]; state(t, d) writes H - v_threshold of step t (load_state) into d.
+template <typename scalar_t, typename State>
+void backward_chunk(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, int64_t c0, int64_t n,
+                    const BackwardArgs& b, const State& state) {
+  float gv[kChunk], gsbuf[kChunk], gxbuf[kChunk], dbuf[kChunk];
+  std::fill(gv, gv + n, 0.0f);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t off = t * N + c0;
+    float* gx_out = float_out(gxp + off, gxbuf);
+    state(t, dbuf);
+    step_backward(as_float(gsp + off, gsbuf, n), dbuf, gv, gx_out, n, b.c, b.alpha, b.hard_reset, b.detach_reset,
+                  b.surrogate, b.decay_input);
+    store_from_float(gxp + off, gx_out, n);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lif_forward(
@@ -139,8 +168,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
   const auto state_type = state_bf16 ? at::kBFloat16 : at::kFloat;
   auto h = save_h ? at::empty({T, N}, x.options().dtype(state_type))
                   : at::empty({0}, x.options().dtype(state_type));
-  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold),
-                    static_cast<float>(hard_reset ? v_reset : 0.0)};
+  const LifConsts c = consts_of(tau, v_threshold, v_reset, hard_reset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lif_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* sp = spikes.mutable_data_ptr<scalar_t>();
@@ -178,9 +206,8 @@ at::Tensor lif_backward(
   TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, "lif_backward: unknown surrogate id");
   const int64_t T = grad_spikes.size(0), N = grad_spikes.size(1);
   auto grad_x = at::empty_like(grad_spikes);
-  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold),
-                    static_cast<float>(hard_reset ? v_reset : 0.0)};
-  const float a = static_cast<float>(alpha);
+  const BackwardArgs b{consts_of(tau, v_threshold, v_reset, hard_reset), static_cast<float>(alpha), hard_reset,
+                       detach_reset, decay_input, surrogate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward", [&] {
     const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
@@ -188,18 +215,12 @@ at::Tensor lif_backward(
     const float* hp = bf16 ? nullptr : h.const_data_ptr<float>();
     const uint16_t* hbp = bf16 ? reinterpret_cast<const uint16_t*>(h.const_data_ptr<at::BFloat16>()) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      float gv[kChunk], gsbuf[kChunk], gxbuf[kChunk], dbuf[kChunk];
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t n = std::min(kChunk, end - c0);
-        std::fill(gv, gv + n, 0.0f);
-        for (int64_t t = T - 1; t >= 0; --t) {
+        backward_chunk(gsp, gxp, T, N, c0, n, b, [&](int64_t t, float* d) {
           const int64_t off = t * N + c0;
-          float* gx_out = float_out(gxp + off, gxbuf);
-          load_state(hp ? hp + off : nullptr, hbp ? hbp + off : nullptr, dbuf, n, c);
-          step_backward(as_float(gsp + off, gsbuf, n), dbuf, gv, gx_out, n, c, a,
-                        hard_reset, detach_reset, surrogate, decay_input);
-          store_from_float(gxp + off, gx_out, n);
-        }
+          load_state(hp ? hp + off : nullptr, hbp ? hbp + off : nullptr, d, n, b.c);
+        });
       }
     });
   });
@@ -217,31 +238,23 @@ at::Tensor lif_backward_from_input(
   TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, "lif_backward_from_input: unknown surrogate id");
   const int64_t T = grad_spikes.size(0), N = grad_spikes.size(1);
   auto grad_x = at::empty_like(grad_spikes);
-  const LifConsts c{static_cast<float>(tau), static_cast<float>(v_threshold),
-                    static_cast<float>(hard_reset ? v_reset : 0.0)};
-  const float a = static_cast<float>(alpha);
+  const BackwardArgs b{consts_of(tau, v_threshold, v_reset, hard_reset), static_cast<float>(alpha), hard_reset,
+                       detach_reset, decay_input, surrogate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward_from_input", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> h(T * kChunk);  // the chunk's H over all steps, as lif_forward saves it
-      float v[kChunk], xbuf[kChunk], sbuf[kChunk], gv[kChunk], gsbuf[kChunk], gxbuf[kChunk], dbuf[kChunk];
+      float v[kChunk], xbuf[kChunk], sbuf[kChunk];
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t n = std::min(kChunk, end - c0);
-        std::fill(v, v + n, c.v_reset);
-        for (int64_t t = 0; t < T; ++t)  // lif_run's forward steps, spikes discarded
-          step_forward(as_float(xp + t * N + c0, xbuf, n), v, sbuf, h.data() + t * kChunk, n, c, hard_reset,
+        std::fill(v, v + n, b.c.v_reset);
+        for (int64_t t = 0; t < T; ++t)  // lif_forward's steps, spikes discarded
+          step_forward(as_float(xp + t * N + c0, xbuf, n), v, sbuf, h.data() + t * kChunk, n, b.c, hard_reset,
                        decay_input);
-        std::fill(gv, gv + n, 0.0f);
-        for (int64_t t = T - 1; t >= 0; --t) {  // lif_backward's steps
-          const int64_t off = t * N + c0;
-          float* gx_out = float_out(gxp + off, gxbuf);
-          load_state(h.data() + t * kChunk, nullptr, dbuf, n, c);
-          step_backward(as_float(gsp + off, gsbuf, n), dbuf, gv, gx_out, n, c, a,
-                        hard_reset, detach_reset, surrogate, decay_input);
-          store_from_float(gxp + off, gx_out, n);
-        }
+        backward_chunk(gsp, gxp, T, N, c0, n, b,
+                       [&](int64_t t, float* d) { load_state(h.data() + t * kChunk, nullptr, d, n, b.c); });
       }
     });
   });

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -45,29 +46,52 @@ struct Window {
 template <typename T>
 inline bool replaces(T val, T maxval) { return val > maxval || std::isnan(val); }
 
-void check(const char* op, const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH, int64_t pW) {
+void check_input(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), op, ": input must be a contiguous [N, C, H, W] tensor");
+}
+
+// The row and column windows of an H x W input, after checking the geometry.
+std::pair<Window, Window> windows(const char* op, int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t sH, int64_t sW,
+                                  int64_t pH, int64_t pW) {
   TORCH_CHECK(kH > 0 && kW > 0 && sH > 0 && sW > 0 && pH >= 0 && pW >= 0 && 2 * pH <= kH && 2 * pW <= kW, op,
               ": need kernel > 0, stride > 0, 0 <= padding <= kernel / 2");
-  TORCH_CHECK(x.size(2) + 2 * pH >= kH && x.size(3) + 2 * pW >= kW, op, ": the padded input is smaller than the kernel");
+  TORCH_CHECK(H + 2 * pH >= kH && W + 2 * pW >= kW, op, ": the padded input is smaller than the kernel");
+  return {Window{kH, sH, pH, H, (H + 2 * pH - kH) / sH + 1}, Window{kW, sW, pW, W, (W + 2 * pW - kW) / sW + 1}};
 }
 
-Window rows_of(const at::Tensor& x, int64_t k, int64_t s, int64_t p) {
-  const int64_t in = x.size(2);
-  return {k, s, p, in, (in + 2 * p - k) / s + 1};
+void check_grad_out(const char* op, const at::Tensor& g, int64_t N, int64_t C, const Window& R, const Window& Cw) {
+  TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && g.size(0) == N && g.size(1) == C && g.size(2) == R.out &&
+                  g.size(3) == Cw.out,
+              op, ": grad_out must be a contiguous [", N, ", ", C, ", ", R.out, ", ", Cw.out, "] tensor (the output's shape)");
 }
 
-Window cols_of(const at::Tensor& x, int64_t k, int64_t s, int64_t p) {
-  const int64_t in = x.size(3);
-  return {k, s, p, in, (in + 2 * p - k) / s + 1};
+// Both backwards: grad_in [planes, H, W] zeroed a plane at a time (while it is in cache), then
+// grad_in[plane, argmax(plane, y0, y1, x0, x1)] += grad_out[plane, oy, ox] for the outputs in order,
+// the window being rows [y0, y1) and columns [x0, x1); argmax returns a flat index into the plane.
+template <typename scalar_t, typename ArgMax>
+void scatter_to_argmax(const scalar_t* g, scalar_t* gi, int64_t planes, const Window R, const Window Cw,
+                       const ArgMax& argmax) {
+  const int64_t H = R.in, W = Cw.in;
+  at::parallel_for(0, planes, 1, [=, &argmax](int64_t p0, int64_t p1) {
+    for (int64_t plane = p0; plane < p1; ++plane) {
+      const scalar_t* go = g + plane * R.out * Cw.out;
+      scalar_t* dst = gi + plane * H * W;
+      std::fill(dst, dst + H * W, scalar_t(0));
+      for (int64_t oy = 0; oy < R.out; ++oy) {
+        const int64_t y0 = R.begin(oy), y1 = R.end(oy);
+        for (int64_t ox = 0; ox < Cw.out; ++ox) dst[argmax(plane, y0, y1, Cw.begin(ox), Cw.end(ox))] += go[oy * Cw.out + ox];
+      }
+    }
+  });
 }
 
 }  // namespace
 
 at::Tensor max_pool2d_forward(const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
                               int64_t pW) {
-  check("max_pool2d_forward", x, kH, kW, sH, sW, pH, pW);
-  const Window R = rows_of(x, kH, sH, pH), Cw = cols_of(x, kW, sW, pW);
+  check_input("max_pool2d_forward", x);
+  const std::pair<Window, Window> rc = windows("max_pool2d_forward", x.size(2), x.size(3), kH, kW, sH, sW, pH, pW);
+  const Window R = rc.first, Cw = rc.second;
   const int64_t planes = x.size(0) * x.size(1), H = R.in, W = Cw.in;
   auto out = at::empty({x.size(0), x.size(1), R.out, Cw.out}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_forward", [&] {
@@ -105,42 +129,30 @@ at::Tensor max_pool2d_forward(const at::Tensor& x, int64_t kH, int64_t kW, int64
 
 at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH,
                                int64_t sW, int64_t pH, int64_t pW) {
-  check("max_pool2d_backward", x, kH, kW, sH, sW, pH, pW);
-  const Window R = rows_of(x, kH, sH, pH), Cw = cols_of(x, kW, sW, pW);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.sizes() == at::IntArrayRef({x.size(0), x.size(1), R.out, Cw.out}),
-              "max_pool2d_backward: grad_out must be contiguous, of the input's dtype and the output's shape");
-  const int64_t planes = x.size(0) * x.size(1), H = R.in, W = Cw.in;
-  auto grad_in = at::empty_like(x);  // zeroed a plane at a time below, while it is in cache
+  check_input("max_pool2d_backward", x);
+  const std::pair<Window, Window> rc = windows("max_pool2d_backward", x.size(2), x.size(3), kH, kW, sH, sW, pH, pW);
+  const Window R = rc.first, Cw = rc.second;
+  check_grad_out("max_pool2d_backward", grad_out, x.size(0), x.size(1), R, Cw);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "max_pool2d_backward: grad_out must have the input's dtype");
+  const int64_t H = R.in, W = Cw.in;
+  auto grad_in = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = x.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-    scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t plane = p0; plane < p1; ++plane) {
-        const scalar_t* src = in + plane * H * W;
-        const scalar_t* go = g + plane * R.out * Cw.out;
-        scalar_t* dst = gi + plane * H * W;
-        std::fill(dst, dst + H * W, scalar_t(0));
-        for (int64_t oy = 0; oy < R.out; ++oy) {
-          const int64_t y0 = R.begin(oy), y1 = R.end(oy);
-          for (int64_t ox = 0; ox < Cw.out; ++ox) {
-            const int64_t x0 = Cw.begin(ox), x1 = Cw.end(ox);
-            int64_t arg = y0 * W + x0;
-            acc_t best = -std::numeric_limits<acc_t>::infinity();
-            for (int64_t iy = y0; iy < y1; ++iy) {
-              for (int64_t ix = x0; ix < x1; ++ix) {
-                const acc_t v = static_cast<acc_t>(src[iy * W + ix]);
-                const bool take = replaces(v, best);  // selects, not branches: spikes tie at random
-                best = take ? v : best;
-                arg = take ? iy * W + ix : arg;
-              }
-            }
-            dst[arg] += go[oy * Cw.out + ox];
-          }
+    scatter_to_argmax(grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), x.size(0) * x.size(1),
+                      R, Cw, [in, H, W](int64_t plane, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+      const scalar_t* src = in + plane * H * W;
+      int64_t arg = y0 * W + x0;
+      acc_t best = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t iy = y0; iy < y1; ++iy) {
+        for (int64_t ix = x0; ix < x1; ++ix) {
+          const acc_t v = static_cast<acc_t>(src[iy * W + ix]);
+          const bool take = replaces(v, best);  // selects, not branches: spikes tie at random
+          best = take ? v : best;
+          arg = take ? iy * W + ix : arg;
         }
       }
+      return arg;
     });
   });
   return grad_in;
@@ -148,59 +160,42 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, 
 
 at::Tensor max_pool2d_backward_bits(const at::Tensor& grad_out, const at::Tensor& words, int64_t H, int64_t W,
                                     int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH, int64_t pW) {
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.is_contiguous(), "max_pool2d_backward_bits: grad_out must be a contiguous [N, C, H_out, W_out] tensor");
-  const at::Tensor shape_of = at::empty({1, 1, H, W}, grad_out.options().device(at::kMeta));
-  check("max_pool2d_backward_bits", shape_of, kH, kW, sH, sW, pH, pW);
+  const std::pair<Window, Window> rc = windows("max_pool2d_backward_bits", H, W, kH, kW, sH, sW, pH, pW);
+  const Window R = rc.first, Cw = rc.second;
   TORCH_CHECK(kW <= 64, "max_pool2d_backward_bits: kernel width must be <= 64");
-  const Window R = rows_of(shape_of, kH, sH, pH), Cw = cols_of(shape_of, kW, sW, pW);
+  TORCH_CHECK(grad_out.dim() == 4, "max_pool2d_backward_bits: grad_out must be [N, C, H_out, W_out]");
+  check_grad_out("max_pool2d_backward_bits", grad_out, grad_out.size(0), grad_out.size(1), R, Cw);
   const int64_t planes = grad_out.size(0) * grad_out.size(1);
-  TORCH_CHECK(grad_out.size(2) == R.out && grad_out.size(3) == Cw.out, "max_pool2d_backward_bits: grad_out must be [N, C, ",
-              R.out, ", ", Cw.out, "] for a ", H, " x ", W, " input");
   TORCH_CHECK(words.scalar_type() == at::kLong && words.is_contiguous() && words.numel() * 64 == planes * H * W,
               "max_pool2d_backward_bits: words must be contiguous int64 holding the N C H W input bits in order");
   auto grad_in = at::empty({grad_out.size(0), grad_out.size(1), H, W}, grad_out.options());
   const uint64_t* bits = reinterpret_cast<const uint64_t*>(words.const_data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward_bits", [&] {
-    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-    scalar_t* gi = grad_in.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t plane = p0; plane < p1; ++plane) {
-        const scalar_t* go = g + plane * R.out * Cw.out;
-        scalar_t* dst = gi + plane * H * W;
-        std::fill(dst, dst + H * W, scalar_t(0));
-        for (int64_t oy = 0; oy < R.out; ++oy) {
-          const int64_t y0 = R.begin(oy), y1 = R.end(oy);
-          for (int64_t ox = 0; ox < Cw.out; ++ox) {
-            const int64_t x0 = Cw.begin(ox), len = Cw.end(ox) - x0;
-            const uint64_t lane_mask = len == 64 ? ~0ull : (1ull << len) - 1;
-            // bits e .. e + len of the input row iy, e its flat index: one word or two
-            auto run = [&](int64_t iy) {
-              const int64_t e = (plane * H + iy) * W + x0, word = e >> 6, shift = e & 63;
-              uint64_t r = bits[word] >> shift;
-              if (shift + len > 64) r |= bits[word + 1] << (64 - shift);
-              return r & lane_mask;
-            };
-            int64_t arg = y0 * W + x0;  // no spike: the first position (0 > -inf)
-            if (len <= 16 && y1 - y0 <= 4) {
-              // the window's rows 16 bits apart in one word: its first set bit is the first spike in
-              // row-major order, found without a branch on the data (spikes fall at random)
-              uint64_t all = 0;
-              for (int64_t r = 0; r < y1 - y0; ++r) all |= run(y0 + r) << (16 * r);
-              const int64_t k = __builtin_ctzll(all | (1ull << 63));
-              arg = all ? (y0 + (k >> 4)) * W + x0 + (k & 15) : arg;
-            } else {
-              for (int64_t iy = y0; iy < y1; ++iy) {
-                const uint64_t r = run(iy);
-                if (r) {
-                  arg = iy * W + x0 + __builtin_ctzll(r);
-                  break;
-                }
-              }
-            }
-            dst[arg] += go[oy * Cw.out + ox];
-          }
-        }
+    scatter_to_argmax(grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), planes, R, Cw,
+                      [bits, H, W](int64_t plane, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+      const int64_t len = x1 - x0;
+      const uint64_t lane_mask = len == 64 ? ~0ull : (1ull << len) - 1;
+      // bits e .. e + len of the input row iy, e its flat index: one word or two
+      auto run = [&](int64_t iy) {
+        const int64_t e = (plane * H + iy) * W + x0, word = e >> 6, shift = e & 63;
+        uint64_t r = bits[word] >> shift;
+        if (shift + len > 64) r |= bits[word + 1] << (64 - shift);
+        return r & lane_mask;
+      };
+      const int64_t first = y0 * W + x0;  // no spike: the first position (0 > -inf)
+      if (len <= 16 && y1 - y0 <= 4) {
+        // the window's rows 16 bits apart in one word: its first set bit is the first spike in
+        // row-major order, found without a branch on the data (spikes fall at random)
+        uint64_t all = 0;
+        for (int64_t r = 0; r < y1 - y0; ++r) all |= run(y0 + r) << (16 * r);
+        const int64_t k = __builtin_ctzll(all | (1ull << 63));
+        return all ? (y0 + (k >> 4)) * W + x0 + (k & 15) : first;
       }
+      for (int64_t iy = y0; iy < y1; ++iy) {
+        const uint64_t r = run(iy);
+        if (r) return iy * W + x0 + static_cast<int64_t>(__builtin_ctzll(r));
+      }
+      return first;
     });
   });
   return grad_in;

@@ -25,14 +25,19 @@ from spikeops.ops.compact import CompactMeta, restore
 Args = tuple  # (kernel, stride, padding, dilation, ceil_mode), each pair a tuple of 2 ints
 
 
-def _kernel_args(x: torch.Tensor, args: Args, *others: torch.Tensor):
-    """(kH, kW, sH, sW, pH, pW) when the C++ kernels cover this call, else None."""
+def _geometry(args: Args):
+    """(kH, kW, sH, sW, pH, pW) for the geometries the C++ kernels take (dilation 1, floor output
+    size), else None."""
     kernel, stride, padding, dilation, ceil_mode = args
-    chosen = _backend.resolve(x)
-    covered = (tuple(dilation) == (1, 1) and not ceil_mode and x.dim() == 4 and x.is_contiguous()
-               and all(t.dtype == x.dtype for t in others)
+    return (*kernel, *stride, *padding) if tuple(dilation) == (1, 1) and not ceil_mode else None
+
+
+def _kernel_args(x: torch.Tensor, args: Args, *others: torch.Tensor):
+    """(backend, _geometry(args)) when the C++ kernels cover this call, else None."""
+    geometry, chosen = _geometry(args), _backend.resolve(x)
+    covered = (geometry is not None and x.dim() == 4 and x.is_contiguous() and all(t.dtype == x.dtype for t in others)
                and _backend.has_kernel("max_pool", "max_pool2d_forward", chosen))
-    return (chosen, (*kernel, *stride, *padding)) if covered else None
+    return (chosen, geometry) if covered else None
 
 
 def max_pool2d(x: torch.Tensor, args: Args) -> torch.Tensor:
@@ -58,11 +63,10 @@ def max_pool2d_backward_saved(grad: torch.Tensor, saved: torch.Tensor, meta: Com
     saved it: spikes packed in their flat order (a contiguous input packed as ``[R, n]`` rows, 64 | n)
     go to the C++ kernel as they are (the argmax is the window's first set bit; no unpacking);
     anything else is restored first."""
-    kernel, stride, padding, dilation, ceil_mode = args
-    chosen = _backend.resolve(grad)
+    geometry, chosen = _geometry(args), _backend.resolve(grad)
     flat_bits = meta.kind == "bits" and len(meta.shape) == 2 and meta.shape[1] % 64 == 0
-    if (flat_bits and tuple(dilation) == (1, 1) and not ceil_mode and kernel[1] <= 64
+    if (flat_bits and geometry is not None and geometry[1] <= 64
             and _backend.has_kernel("max_pool", "max_pool2d_backward_bits", chosen)):
         fn = _backend.kernel("max_pool", "max_pool2d_backward_bits", chosen)
-        return fn(grad.contiguous(), saved, shape[2], shape[3], *kernel, *stride, *padding)
+        return fn(grad.contiguous(), saved, shape[2], shape[3], *geometry)
     return max_pool2d_backward(grad, restore(saved, meta).view(shape), args)
