@@ -67,6 +67,25 @@ def test_half_precision_inputs_keep_fp32_state(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradient_is_the_fp32_gradient_rounded_once(backend, dtype, request):
+    """Bit for bit: the kernels read fp16/bf16 as floats, run in fp32 and round to nearest even
+    once, as torch's .to(dtype) does (a truncating conversion fails about half of the values)."""
+    device = device_for(backend)
+    if backend == "triton" and dtype == torch.bfloat16 and device.type == "cpu":
+        # strict: passes (and so fails the run) once the interpreter rounds as the GPU does
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "the Triton interpreter rounds fp32 -> bf16 toward zero (also with fp_downcast_rounding='rtne'); "
+            "a GPU rounds to nearest even")))
+    x = lif_input((3, 2, 515), dtype=dtype, device=device)
+    grad = lif_input(x.shape, dtype=dtype, device=device, seed=2) * 0.37  # gradients off the dtype's grid
+    spikes, gx = forward_backward(lambda t: spikeops.lif(t, backend=backend), x, grad)
+    spikes32, gx32 = forward_backward(lambda t: spikeops.lif(t, backend=backend), x.float(), grad.float())
+    assert torch.equal(spikes.float(), spikes32)
+    assert torch.equal(gx.view(torch.int16), gx32.to(dtype).view(torch.int16))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 7), (1, 3, 5, 7), (3, 1), (7, 1031), (2, 3, 2053)])
 def test_odd_shapes_and_single_step(backend, shape):
     device = device_for(backend)

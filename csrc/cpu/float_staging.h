@@ -1,6 +1,11 @@
 // fp16/bf16/fp64 data staged through fp32 buffers, so that a kernel written for float serves
-// every dtype (shared by ssa.cpp and token_attention.cpp); fp32 data is used in place.
+// every dtype (shared by lif.cpp, ssa.cpp and token_attention.cpp); fp32 data is used in place.
+// bf16 is converted by integer ops compiled for AVX-512, AVX2 and baseline x86-64 (picked at load
+// time): c10::BFloat16's own conversions, in code built for baseline x86-64, ran the LIF forward
+// on bf16 no faster than on fp32.
 #pragma once
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -8,40 +13,90 @@
 namespace spikeops {
 namespace cpu {
 
+// fp32 <-> bf16 (round to nearest even, NaN -> 0x7FC0: c10::BFloat16's rounding) with integer ops
+// that vectorise.
+static inline __attribute__((always_inline)) uint16_t float_to_bf16(float f) {
+  uint32_t b;
+  __builtin_memcpy(&b, &f, sizeof(b));
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+}
+
+static inline __attribute__((always_inline)) float bf16_to_float(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPIKEOPS_STAGING_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SPIKEOPS_STAGING_CLONES
+#endif
+
+SPIKEOPS_STAGING_CLONES
+static void bf16_into_floats(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+SPIKEOPS_STAGING_CLONES
+static void floats_into_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
 // dst[0, n) = src[0, n) converted to float.
 template <typename scalar_t>
 void as_float_into(const scalar_t* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    bf16_into_floats(reinterpret_cast<const uint16_t*>(src), n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
 }
 
-// src[0, n) as floats: src itself for fp32, else a converted copy in buf (resized to n).
+// src[0, n) as floats: src itself for fp32, else a converted copy in buf (n floats).
 template <typename scalar_t>
-const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
+const float* as_float(const scalar_t* src, int64_t n, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return src;
   } else {
-    buf.resize(n);
-    as_float_into(src, n, buf.data());
-    return buf.data();
+    as_float_into(src, n, buf);
+    return buf;
   }
 }
 
-// Where a kernel writes n float results bound for dst: dst itself for fp32, else buf (resized
-// to n), to be copied over by store_floats.
+// ... with buf resized to n.
 template <typename scalar_t>
-float* float_out(scalar_t* dst, int64_t n, std::vector<float>& buf) {
+const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
+  if constexpr (!std::is_same_v<scalar_t, float>) buf.resize(n);
+  return as_float(src, n, buf.data());
+}
+
+// Where a kernel writes float results bound for dst: dst itself for fp32, else buf, to be copied
+// over by store_floats.
+template <typename scalar_t>
+float* float_out(scalar_t* dst, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return dst;
   } else {
-    buf.resize(n);
-    return buf.data();
+    return buf;
   }
+}
+
+// ... with buf resized to n.
+template <typename scalar_t>
+float* float_out(scalar_t* dst, int64_t n, std::vector<float>& buf) {
+  if constexpr (!std::is_same_v<scalar_t, float>) buf.resize(n);
+  return float_out(dst, buf.data());
 }
 
 // dst[0, n) = src converted, after float_out handed out a buffer (nothing to do for fp32).
 template <typename scalar_t>
 void store_floats(scalar_t* dst, const float* src, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    floats_into_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
+  } else if constexpr (!std::is_same_v<scalar_t, float>) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }
 }

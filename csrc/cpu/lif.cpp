@@ -13,10 +13,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
+#include "float_staging.h"
 #include "lif_math.h"
 
 namespace spikeops {
@@ -82,34 +82,6 @@ void step_backward(const float* gs, const float* d, float* gv, float* gx, int64_
 #undef SPIKEOPS_BWD
 }
 
-// Reads n values of type scalar_t as floats: a pointer into the tensor for fp32, else a
-// conversion into buf.
-template <typename scalar_t>
-inline const float* as_float(const scalar_t* src, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf;
-  }
-}
-
-template <typename scalar_t>
-inline float* float_out(scalar_t* dst, float* buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-
-template <typename scalar_t>
-inline void store_from_float(scalar_t* dst, const float* src, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-  }
-}
-
 // The saved state of n neurons at one step: H (fp32 state) or H - v_threshold rounded to bf16.
 SPIKEOPS_SIMD_CLONES
 void store_state_bf16(const float* h, uint16_t* out, int64_t n, LifConsts c) {
@@ -151,9 +123,9 @@ void backward_chunk(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, in
     const int64_t off = t * N + c0;
     float* gx_out = float_out(gxp + off, gxbuf);
     state(t, dbuf);
-    step_backward(as_float(gsp + off, gsbuf, n), dbuf, gv, gx_out, n, b.c, b.alpha, b.hard_reset, b.detach_reset,
+    step_backward(as_float(gsp + off, n, gsbuf), dbuf, gv, gx_out, n, b.c, b.alpha, b.hard_reset, b.detach_reset,
                   b.surrogate, b.decay_input);
-    store_from_float(gxp + off, gx_out, n);
+    store_floats(gxp + off, gx_out, n);
   }
 }
 
@@ -182,9 +154,9 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
         for (int64_t t = 0; t < T; ++t) {
           const int64_t off = t * N + c0;
           float* s_out = float_out(sp + off, sbuf);
-          step_forward(as_float(xp + off, xbuf, n), v, s_out, hp ? hp + off : hbuf, n, c,
+          step_forward(as_float(xp + off, n, xbuf), v, s_out, hp ? hp + off : hbuf, n, c,
                        hard_reset, decay_input);
-          store_from_float(sp + off, s_out, n);
+          store_floats(sp + off, s_out, n);
           if (hbp) store_state_bf16(hbuf, hbp + off, n, c);
         }
       }
@@ -251,7 +223,7 @@ at::Tensor lif_backward_from_input(
         const int64_t n = std::min(kChunk, end - c0);
         std::fill(v, v + n, b.c.v_reset);
         for (int64_t t = 0; t < T; ++t)  // lif_forward's steps, spikes discarded
-          step_forward(as_float(xp + t * N + c0, xbuf, n), v, sbuf, h.data() + t * kChunk, n, b.c, hard_reset,
+          step_forward(as_float(xp + t * N + c0, n, xbuf), v, sbuf, h.data() + t * kChunk, n, b.c, hard_reset,
                        decay_input);
         backward_chunk(gsp, gxp, T, N, c0, n, b,
                        [&](int64_t t, float* d) { load_state(h.data() + t * kChunk, nullptr, d, n, b.c); });

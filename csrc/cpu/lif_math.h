@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../ops.h"
+#include "float_staging.h"
 #include "simd_math.h"
 
 #include <cstdint>
@@ -71,21 +72,6 @@ static inline __attribute__((always_inline)) float lif_grad_step(float d, float 
 // d = H - v_threshold as lif_grad_step wants it (-0 -> +0).
 static inline __attribute__((always_inline)) float lif_distance(float h, LifConsts c) {
   return (h - c.v_threshold) + 0.0f;
-}
-
-// fp32 <-> bf16 (round to nearest even; NaN stays NaN) with integer ops that vectorise.
-static inline __attribute__((always_inline)) uint16_t float_to_bf16(float f) {
-  uint32_t b;
-  __builtin_memcpy(&b, &f, sizeof(b));
-  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
-}
-
-static inline __attribute__((always_inline)) float bf16_to_float(uint16_t h) {
-  const uint32_t b = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &b, sizeof(f));
-  return f;
 }
 
 }  // namespace cpu
