@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_attention_cf_backward", &spikeops::cpu::token_attention_cf_backward,
         "fused token attention backward, channels-first [T, BH, d, N]");
   m.def("unpack_spikes", &spikeops::cpu::unpack_spikes, "unpack int64 words into 0/1 values");
+  m.def("to_counts", &spikeops::cpu::to_counts, "uint8 copy of small integer counts, and whether they are");
   m.def("masked_gather", &spikeops::cpu::masked_gather, "gather the visible blocks of [N, C, H, W] into [nb, C, bh, bw]");
   m.def("masked_scatter", &spikeops::cpu::masked_scatter, "scatter [nb, C, bh, bw] blocks into a zero [N, C, H, W]");
   m.def("masked_conv2d_forward", &spikeops::cpu::masked_conv2d_forward, "conv2d on the visible output blocks");

@@ -38,6 +38,10 @@ std::tuple<at::Tensor, bool> pack_spikes(const at::Tensor& x, bool check);
 // words: [R, W] contiguous int64 -> [R, n] 0./1. of dtype.
 at::Tensor unpack_spikes(const at::Tensor& words, int64_t n, at::ScalarType dtype);
 
+// x [any shape] contiguous fp32/fp16/bf16 -> (uint8 copy, whether every value is an integer in
+// [0, 255]): the uint8 form compact() keeps of small counts (compact.cpp).
+std::tuple<at::Tensor, bool> to_counts(const at::Tensor& x);
+
 // a_words [Bt, M, W], bt_words [Bt, N, W]: 0/1 matrices packed along K -> int32 [Bt, M, N] = A @ B.
 at::Tensor spike_matmul_packed(const at::Tensor& a_words, const at::Tensor& bt_words);
 

@@ -94,6 +94,13 @@ def is_binary(x: torch.Tensor) -> bool:
     return bool(((x == 0) | (x == 1)).all())
 
 
+def to_counts(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(``x`` cast to uint8, whether every value of ``x`` is an integer in 0..255 and so survives
+    the round trip): the uint8 form :func:`spikeops.ops.compact.compact` keeps of small counts."""
+    counts = x.to(torch.uint8)
+    return counts, torch.equal(counts.to(x.dtype), x)
+
+
 def pack_spikes(x: torch.Tensor) -> torch.Tensor:
     """Pack 0/1 values along the last dim: ``[..., n]`` -> int64 words ``[..., ceil(n/64)]``."""
     n = x.shape[-1]

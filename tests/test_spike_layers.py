@@ -6,7 +6,8 @@ from torch import nn
 import spikeops
 from spikeops.memory import saved_bytes
 from spikeops.nn import SpikeConv1d, SpikeConv2d, SpikeLinear
-from spikeops.ops.compact import compact, restore
+from spikeops import reference
+from spikeops.ops.compact import compact, restore, to_counts
 from spikeops.ops.known_counts import mark_counts
 
 # (torch layer, spikeops layer, constructor args, input shape)
@@ -200,7 +201,7 @@ def test_input_that_needs_no_grad_is_still_saved_compactly():
         ([1.0, float("inf")], "plain"),
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_compact_picks_the_smallest_exact_form_and_restore_inverts_it(values, kind, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.tensor(values, dtype=dtype)[torch.randint(0, len(values), (3, 70, 5), generator=g)]
@@ -210,6 +211,23 @@ def test_compact_picks_the_smallest_exact_form_and_restore_inverts_it(values, ki
     back = restore(saved, meta)
     assert back.dtype == dtype and back.shape == x.shape
     torch.testing.assert_close(back, x, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 15, 17, 2048, 2049, 70001])  # vector tails, the kernel's blocks of 2048
+def test_to_counts_kernel_equals_the_reference_one_bad_value_at_a_time(dtype, n):
+    x = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).to(dtype)
+    x[-1] = 255
+    counts, integers = to_counts(x, True, "cpp")
+    assert integers and torch.equal(counts, reference.to_counts(x)[0])
+    for pos in sorted({0, n // 2, n - 1}):
+        for bad in (0.5, -0.5, -1.0, 255.5, 256.0, 1e9, float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[pos] = bad
+            assert to_counts(y, True, "cpp")[1] is False and reference.to_counts(y)[1] is False, (pos, bad)
+        y = x.clone()
+        y[pos] = -0.0  # an integer: saved as 0, restored as 0 (== -0), as by the cast
+        assert to_counts(y, True, "cpp")[1] is True and reference.to_counts(y)[1] is True
 
 
 def test_restore_keeps_the_channels_last_layout():

@@ -29,8 +29,12 @@ from typing import NamedTuple
 
 import torch
 
+from spikeops import backend as _backend
+from spikeops import reference
 from spikeops.ops.known_counts import MAX_BOUND, counts_bound, mark_counts
 from spikeops.ops.pack import pack_words, unpack_words
+
+COUNTS_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class CompactMeta(NamedTuple):
@@ -53,18 +57,33 @@ def compact(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> tuple[torc
     if bound == 1:
         return pack_words(x, meta.dim, False, backend)[0], meta._replace(kind="bits")
     if bound is not None:
-        return x.to(torch.uint8), meta._replace(kind="uint8")
+        return to_counts(x, False, backend)[0], meta._replace(kind="uint8")
     # checked: the answer is recorded on x, so the next layer given the same x (Spikformer's q, k
     # and v projections) does not check it again
     words, binary = pack_words(x, meta.dim, True, backend)
     if binary:
         mark_counts(x, 1)
         return words, meta._replace(kind="bits")
-    counts = x.to(torch.uint8)
-    if torch.equal(counts.to(x.dtype), x):  # exactly the integers 0..255 survive the round trip
+    counts, integers = to_counts(x, True, backend)
+    if integers:
         mark_counts(x, MAX_BOUND)
         return counts, meta._replace(kind="uint8")
     return x, meta
+
+
+def to_counts(x: torch.Tensor, check: bool, backend: str = "auto") -> tuple[torch.Tensor, bool]:
+    """(``x`` as uint8, whether every value is an integer 0..255; True unless ``check``): the C++
+    kernel does both in one pass (ATen's cast of bf16 to uint8 alone took 7x a copy of ``x``);
+    elsewhere torch's cast, then with ``check`` a comparison of the round trip (a host sync on a
+    GPU). The kernel is called directly, not through a custom op: compact never runs under
+    ``torch.compile`` (the layers take their plain path there)."""
+    if (x.dtype in COUNTS_KERNEL_DTYPES and x.is_contiguous() and _backend.resolve(x, backend) == "cpp"
+            and _backend.has_kernel("compact", "to_counts", "cpp")):
+        counts, integers = _backend.kernel("compact", "to_counts", "cpp")(x)
+        return counts, not check or integers
+    if not check:
+        return x.to(torch.uint8), True
+    return reference.to_counts(x)
 
 
 def restore(saved: torch.Tensor, meta: CompactMeta, backend: str = "auto") -> torch.Tensor:
