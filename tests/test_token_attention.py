@@ -124,6 +124,17 @@ def test_non_binary_input_in_the_modules_layout_is_named(name, grad, backend):
         spikeops.token_attention(named["q"], named["k"], named["p"], backend=backend)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", ["q", "k", "p"])
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_one_non_binary_value_at_any_step_of_the_modules_layout_is_named(name, step, backend):
+    # the C++ kernel sums step t + 1's q and p while it writes step t's output: each step is checked
+    named = {n: spikes((3, 1, 2, 5, 70), 5, seed, device_for(backend)) for seed, n in enumerate("qkp")}
+    named[name][step, 0, 1, 4, 69] = 0.5
+    with pytest.raises(ValueError, match=f"{name} must hold only 0 and 1"):
+        spikeops.token_attention(*(named[n].transpose(-1, -2) for n in "qkp"), backend=backend)
+
+
 class OpNames(TorchDispatchMode):
     """Records the ops that run under it."""
 
