@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 import spikeops
+from spikeops import reference
 from spikeops.memory import saved_bytes
 from spikeops.nn import SpikeConv1d, SpikeConv2d, SpikeLinear
-from spikeops import reference
 from spikeops.ops.compact import compact, restore, to_counts
 from spikeops.ops.known_counts import mark_counts
 

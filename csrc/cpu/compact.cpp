@@ -4,7 +4,6 @@
 // for fp32/fp16/bf16 x, contiguous, in one pass (ATen's bf16 -> uint8 cast alone took 7x a clone
 // of x). Values that are not such integers still give a (meaningless) byte, and ok = false.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -49,29 +48,36 @@ bool floats_to_counts(const float* x, int64_t n, uint8_t* counts) {
   return !bad;
 }
 
+// to_counts for one dtype: counts of x's values into cp; whether all were integers 0..255.
+template <typename scalar_t>
+bool counts_of(const at::Tensor& x, uint8_t* cp) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t n = x.numel();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t begin, int64_t end) {
+    float buf[kBlock];
+    bool all = true;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i0 = b * kBlock, m = std::min(kBlock, n - i0);
+      all &= floats_to_counts(as_float(xp + i0, m, buf), m, cp + i0);
+    }
+    if (!all) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, bool> to_counts(const at::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                                    x.scalar_type() == at::kBFloat16),
-              "to_counts: x must be a contiguous float32/float16/bfloat16 tensor");
+  TORCH_CHECK(x.is_contiguous(), "to_counts: x must be contiguous");
   auto counts = at::empty(x.sizes(), x.options().dtype(at::kByte));
-  const int64_t n = x.numel();
-  std::atomic<bool> ok{true};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_counts", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    uint8_t* cp = counts.mutable_data_ptr<uint8_t>();
-    at::parallel_for(0, (n + kBlock - 1) / kBlock, 16, [&](int64_t begin, int64_t end) {
-      float buf[kBlock];
-      bool all = true;
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t i0 = b * kBlock, m = std::min(kBlock, n - i0);
-        all &= floats_to_counts(as_float(xp + i0, m, buf), m, cp + i0);
-      }
-      if (!all) ok.store(false, std::memory_order_relaxed);
-    });
-  });
-  return {counts, ok.load()};
+  uint8_t* cp = counts.mutable_data_ptr<uint8_t>();
+  switch (x.scalar_type()) {  // not fp64: through fp32, a value such as 255.0000001 would pass as 255
+    case at::kFloat: return {counts, counts_of<float>(x, cp)};
+    case at::kHalf: return {counts, counts_of<at::Half>(x, cp)};
+    case at::kBFloat16: return {counts, counts_of<at::BFloat16>(x, cp)};
+    default: TORCH_CHECK(false, "to_counts: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
 }
 
 }  // namespace cpu
