@@ -112,6 +112,17 @@ struct BackwardArgs {
   int64_t surrogate;
 };
 
+// The checks both backwards make of grad_spikes ([T, N] contiguous) and the surrogate id, then
+// their neuron settings; op names the kernel in the errors.
+BackwardArgs backward_args(const char* op, const at::Tensor& grad_spikes, double tau, double v_threshold,
+                           double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate,
+                           double alpha) {
+  TORCH_CHECK(grad_spikes.dim() == 2 && grad_spikes.is_contiguous(), op, ": grad_spikes must be contiguous [T, N]");
+  TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, op, ": unknown surrogate id");
+  return {consts_of(tau, v_threshold, v_reset, hard_reset), static_cast<float>(alpha), hard_reset, detach_reset,
+          decay_input, surrogate};
+}
+
 // The backward steps t = T-1 .. 0 of the n neurons from c0 (n <= kChunk): dL/dS gsp [T, N] -> dL/dX
 // gxp [T, N]; state(t, d) writes H - v_threshold of step t (load_state) into d.
 template <typename scalar_t, typename State>
@@ -170,16 +181,13 @@ at::Tensor lif_backward(
     const at::Tensor& grad_spikes, const at::Tensor& h, double tau, double v_threshold,
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
     int64_t surrogate, double alpha) {
-  TORCH_CHECK(grad_spikes.dim() == 2 && grad_spikes.is_contiguous(),
-              "lif_backward: grad_spikes must be contiguous [T, N]");
+  const BackwardArgs b = backward_args("lif_backward", grad_spikes, tau, v_threshold, v_reset, hard_reset,
+                                       decay_input, detach_reset, surrogate, alpha);
   TORCH_CHECK(h.sizes() == grad_spikes.sizes() && h.is_contiguous() &&
                   (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
               "lif_backward: h must be the contiguous fp32/bf16 state of lif_forward");
-  TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, "lif_backward: unknown surrogate id");
   const int64_t T = grad_spikes.size(0), N = grad_spikes.size(1);
   auto grad_x = at::empty_like(grad_spikes);
-  const BackwardArgs b{consts_of(tau, v_threshold, v_reset, hard_reset), static_cast<float>(alpha), hard_reset,
-                       detach_reset, decay_input, surrogate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward", [&] {
     const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
@@ -203,15 +211,12 @@ at::Tensor lif_backward_from_input(
     const at::Tensor& grad_spikes, const at::Tensor& x, double tau, double v_threshold,
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
     int64_t surrogate, double alpha) {
-  TORCH_CHECK(grad_spikes.dim() == 2 && grad_spikes.is_contiguous(),
-              "lif_backward_from_input: grad_spikes must be contiguous [T, N]");
+  const BackwardArgs b = backward_args("lif_backward_from_input", grad_spikes, tau, v_threshold, v_reset, hard_reset,
+                                       decay_input, detach_reset, surrogate, alpha);
   TORCH_CHECK(x.sizes() == grad_spikes.sizes() && x.is_contiguous() && x.scalar_type() == grad_spikes.scalar_type(),
               "lif_backward_from_input: x must be the contiguous [T, N] input of the forward, in grad_spikes' dtype");
-  TORCH_CHECK(surrogate == kSigmoid || surrogate == kATan, "lif_backward_from_input: unknown surrogate id");
   const int64_t T = grad_spikes.size(0), N = grad_spikes.size(1);
   auto grad_x = at::empty_like(grad_spikes);
-  const BackwardArgs b{consts_of(tau, v_threshold, v_reset, hard_reset), static_cast<float>(alpha), hard_reset,
-                       detach_reset, decay_input, surrogate};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward_from_input", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();

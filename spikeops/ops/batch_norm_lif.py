@@ -6,11 +6,12 @@ dim 1, statistics shared across time steps) or ``[T*B*N, C]``; the LIF runs over
 Unfused, autograd keeps BatchNorm's input ``Y`` (fp32) *and* the neuron's membrane state
 ``H`` (fp32): 8 bytes per neuron per step. Here only ``Y`` is kept. Backward recomputes
 ``Z = BN(Y)`` with the same kernel (cuDNN's where ``nn.BatchNorm`` would use it, else ATen's) and
-the same batch statistics (bit-identical to the forward's ``Z``), reruns the LIF forward kernel on
-it for ``H`` alone (``lif_state``), and then runs the LIF and BatchNorm backward kernels, so the
-gradients are those of the two layers called in turn. On the C++ backend the LIF steps are one
-kernel (``lif_backward_from_input``: ``H`` recomputed a chunk of neurons at a time, never written). The extra work is one BatchNorm forward
-and one LIF forward pass: no matmul or conv.
+the same batch statistics (bit-identical to the forward's ``Z``), reruns the LIF forward steps on
+it for ``H`` alone, and then runs the LIF and BatchNorm backward kernels, so the gradients are
+those of the two layers called in turn. The LIF part is ``lif_backward_from_input``: on the C++
+backend one kernel (``H`` recomputed a chunk of neurons at a time, never written), on Triton its
+state kernel, then its backward kernel. The extra work is one BatchNorm forward and one LIF forward
+pass: no matmul or conv.
 
 Running statistics are updated exactly as ``nn.BatchNorm*d`` updates them (momentum, or the
 cumulative average for ``momentum=None``).
