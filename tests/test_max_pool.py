@@ -78,7 +78,8 @@ def test_kernels_reject_what_they_do_not_cover():
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("shape", [(2, 4, 8, 6), (1, 2, 16, 12), (4, 4, 5, 4)])  # 64 | numel; 5 x 4 planes straddle words
+# 64 | numel; 5 x 4 planes straddle words; rows of 64 bits are one word each, rows of 96 bits not
+@pytest.mark.parametrize("shape", [(2, 4, 8, 6), (1, 2, 16, 12), (4, 4, 5, 4), (1, 2, 5, 64), (1, 2, 3, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_backward_from_bits_equals_aten(geometry, shape, dtype):
     k, s, p = geometry

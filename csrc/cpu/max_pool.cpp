@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -66,20 +67,29 @@ void check_grad_out(const char* op, const at::Tensor& g, int64_t N, int64_t C, c
 }
 
 // Both backwards: grad_in [planes, H, W] zeroed a plane at a time (while it is in cache), then
-// grad_in[plane, argmax(plane, y0, y1, x0, x1)] += grad_out[plane, oy, ox] for the outputs in order,
-// the window being rows [y0, y1) and columns [x0, x1); argmax returns a flat index into the plane.
-template <typename scalar_t, typename ArgMax>
+// grad_in[plane, argmax(y0, y1, x0, x1)] += grad_out[plane, oy, ox] for the outputs in order, the
+// window being rows [y0, y1) and columns [x0, x1); plane_argmax(plane, scratch) gives the plane's
+// argmax, which returns a flat index into the plane (scratch: a buffer of the thread's own, reused).
+template <typename scalar_t, typename PlaneArgMax>
 void scatter_to_argmax(const scalar_t* g, scalar_t* gi, int64_t planes, const Window R, const Window Cw,
-                       const ArgMax& argmax) {
+                       const PlaneArgMax& plane_argmax) {
   const int64_t H = R.in, W = Cw.in;
-  at::parallel_for(0, planes, 1, [=, &argmax](int64_t p0, int64_t p1) {
+  std::vector<int64_t> x0(Cw.out), x1(Cw.out);  // the window columns of each output column
+  for (int64_t ox = 0; ox < Cw.out; ++ox) x0[ox] = Cw.begin(ox), x1[ox] = Cw.end(ox);
+  at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<uint64_t> scratch;
+    std::vector<int64_t> args(Cw.out);
     for (int64_t plane = p0; plane < p1; ++plane) {
       const scalar_t* go = g + plane * R.out * Cw.out;
       scalar_t* dst = gi + plane * H * W;
-      std::fill(dst, dst + H * W, scalar_t(0));
+      std::memset(static_cast<void*>(dst), 0, H * W * sizeof(scalar_t));  // all-zero bits: +0 in every float type
+      const auto argmax = plane_argmax(plane, scratch);
       for (int64_t oy = 0; oy < R.out; ++oy) {
+        // a row's argmaxes first, then its adds: the adds' loads and stores then do not hold up
+        // the search of the next windows
         const int64_t y0 = R.begin(oy), y1 = R.end(oy);
-        for (int64_t ox = 0; ox < Cw.out; ++ox) dst[argmax(plane, y0, y1, Cw.begin(ox), Cw.end(ox))] += go[oy * Cw.out + ox];
+        for (int64_t ox = 0; ox < Cw.out; ++ox) args[ox] = argmax(y0, y1, x0[ox], x1[ox]);
+        for (int64_t ox = 0; ox < Cw.out; ++ox) dst[args[ox]] += go[oy * Cw.out + ox];
       }
     }
   });
@@ -140,19 +150,21 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, 
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scatter_to_argmax(grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), x.size(0) * x.size(1),
-                      R, Cw, [in, H, W](int64_t plane, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+                      R, Cw, [in, H, W](int64_t plane, std::vector<uint64_t>&) {
       const scalar_t* src = in + plane * H * W;
-      int64_t arg = y0 * W + x0;
-      acc_t best = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t iy = y0; iy < y1; ++iy) {
-        for (int64_t ix = x0; ix < x1; ++ix) {
-          const acc_t v = static_cast<acc_t>(src[iy * W + ix]);
-          const bool take = replaces(v, best);  // selects, not branches: spikes tie at random
-          best = take ? v : best;
-          arg = take ? iy * W + ix : arg;
+      return [src, W](int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+        int64_t arg = y0 * W + x0;
+        acc_t best = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t iy = y0; iy < y1; ++iy) {
+          for (int64_t ix = x0; ix < x1; ++ix) {
+            const acc_t v = static_cast<acc_t>(src[iy * W + ix]);
+            const bool take = replaces(v, best);  // selects, not branches: spikes tie at random
+            best = take ? v : best;
+            arg = take ? iy * W + ix : arg;
+          }
         }
-      }
-      return arg;
+        return arg;
+      };
     });
   });
   return grad_in;
@@ -172,30 +184,37 @@ at::Tensor max_pool2d_backward_bits(const at::Tensor& grad_out, const at::Tensor
   const uint64_t* bits = reinterpret_cast<const uint64_t*>(words.const_data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward_bits", [&] {
     scatter_to_argmax(grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), planes, R, Cw,
-                      [bits, H, W](int64_t plane, int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
-      const int64_t len = x1 - x0;
-      const uint64_t lane_mask = len == 64 ? ~0ull : (1ull << len) - 1;
-      // bits e .. e + len of the input row iy, e its flat index: one word or two
-      auto run = [&](int64_t iy) {
-        const int64_t e = (plane * H + iy) * W + x0, word = e >> 6, shift = e & 63;
+                      [bits, H, W](int64_t plane, std::vector<uint64_t>& rows) {
+      // bits e .. e + len of the flat input, e.g. of a row: one word or two
+      auto run = [bits](int64_t e, int64_t len) {
+        const int64_t word = e >> 6, shift = e & 63;
         uint64_t r = bits[word] >> shift;
         if (shift + len > 64) r |= bits[word + 1] << (64 - shift);
-        return r & lane_mask;
+        return len == 64 ? r : r & ((1ull << len) - 1);
       };
-      const int64_t first = y0 * W + x0;  // no spike: the first position (0 > -inf)
-      if (len <= 16 && y1 - y0 <= 4) {
-        // the window's rows 16 bits apart in one word: its first set bit is the first spike in
-        // row-major order, found without a branch on the data (spikes fall at random)
-        uint64_t all = 0;
-        for (int64_t r = 0; r < y1 - y0; ++r) all |= run(y0 + r) << (16 * r);
-        const int64_t k = __builtin_ctzll(all | (1ull << 63));
-        return all ? (y0 + (k >> 4)) * W + x0 + (k & 15) : first;
-      }
-      for (int64_t iy = y0; iy < y1; ++iy) {
-        const uint64_t r = run(iy);
-        if (r) return iy * W + x0 + static_cast<int64_t>(__builtin_ctzll(r));
-      }
-      return first;
+      // the plane's rows as words, each extracted once (not once per window holding it), when they fit
+      rows.resize(W <= 64 ? H : 0);
+      for (int64_t iy = 0; iy < static_cast<int64_t>(rows.size()); ++iy) rows[iy] = run((plane * H + iy) * W, W);
+      return [run, rows = rows.data(), plane, H, W](int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+        const int64_t len = x1 - x0;
+        const uint64_t lane_mask = len == 64 ? ~0ull : (1ull << len) - 1;
+        // the window's bits of input row iy
+        auto window = [&](int64_t iy) { return W <= 64 ? (rows[iy] >> x0) & lane_mask : run((plane * H + iy) * W + x0, len); };
+        const int64_t first = y0 * W + x0;  // no spike: the first position (0 > -inf)
+        if (len <= 16 && y1 - y0 <= 4) {
+          // the window's rows 16 bits apart in one word: its first set bit is the first spike in
+          // row-major order, found without a branch on the data (spikes fall at random)
+          uint64_t all = 0;
+          for (int64_t r = 0; r < y1 - y0; ++r) all |= window(y0 + r) << (16 * r);
+          const int64_t k = __builtin_ctzll(all | (1ull << 63));
+          return all ? (y0 + (k >> 4)) * W + x0 + (k & 15) : first;
+        }
+        for (int64_t iy = y0; iy < y1; ++iy) {
+          const uint64_t r = window(iy);
+          if (r) return iy * W + x0 + static_cast<int64_t>(__builtin_ctzll(r));
+        }
+        return first;
+      };
     });
   });
   return grad_in;
