@@ -39,7 +39,7 @@ template <int64_t kSurrogate>
 static inline __attribute__((always_inline)) float surrogate_grad(float d, float alpha) {
   if (kSurrogate == kSigmoid) {
     const float z = alpha * d;
-    const float e = exp_approx(-__builtin_fabsf(z));
+    const float e = exp_minus(__builtin_fabsf(z));
     const float one_e = 1.0f + e;
     return alpha * e / (one_e * one_e);
   } else {

@@ -1,5 +1,5 @@
-// Branch-free float math (no ternaries: GCC's if-conversion gives up on them) that GCC auto-vectorises (libm's expf does not vectorise
-// without -ffast-math). Accuracy: exp within ~2 ulp on [-87, 88].
+// Branch-free float math that GCC auto-vectorises (libm's expf does not vectorise without
+// -ffast-math). Accuracy: exp within ~2 ulp.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -8,12 +8,14 @@
 namespace spikeops {
 namespace cpu {
 
-static inline __attribute__((always_inline)) float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // x = n ln2 + r, |r| <= ln2/2
-  // round to nearest through a float->int conversion (vectorises; floorf needs SSE4.1)
-  const float fn = x * 1.44269504088896341f;
-  const float n = static_cast<float>(static_cast<int32_t>(fn + __builtin_copysignf(0.5f, fn)));
+// exp(-a) for a >= 0 (NaN kept), a clamped to 87 (exp(-87) ~ 1.6e-38, still a normal float).
+static inline __attribute__((always_inline)) float exp_minus(float a) {
+  // the clamp as the one compare-select that compiles to a single min instruction (IEEE NaN rules)
+  const float x = -(87.0f < a ? 87.0f : a);
+  // x = n ln2 + r, |r| <= ln2/2: n = x log2(e) rounded to nearest by adding and subtracting
+  // 1.5 * 2^23 (exact for |n| < 2^22; t's low mantissa bits then hold n)
+  const float t = x * 1.44269504088896341f + 12582912.0f;
+  const float n = t - 12582912.0f;
   const float r = (x - n * 0.693359375f) - n * (-2.12194440e-4f);
   // Cephes expf polynomial
   float p = 1.9875691500e-4f;
@@ -23,7 +25,10 @@ static inline __attribute__((always_inline)) float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n from t's bits: bits(t) = 0x4B400000 + n, so (bits(t) - 0x4B400000 + 127) << 23
+  int32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  bits = (bits - (0x4B400000 - 127)) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
