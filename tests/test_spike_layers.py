@@ -186,6 +186,22 @@ def test_input_that_needs_no_grad_is_still_saved_compactly():
     assert saved_bytes(layer, x) - layer.weight.untyped_storage().nbytes() == 10 * 2 * 8
 
 
+@pytest.mark.parametrize("values", ["spikes", "integers_0_to_4"])
+def test_layers_fed_the_same_input_keep_one_compact_copy(values):
+    q, k, v = (SpikeLinear(96, 32) for _ in range(3))  # Spikformer's projections of one input
+    x = make_input(values, (4, 2, 10, 96)).requires_grad_()
+    weights = sum(layer.weight.untyped_storage().nbytes() for layer in (q, k, v))
+    one = saved_bytes(q, x) - q.weight.untyped_storage().nbytes()
+    assert saved_bytes(lambda t: q(t) + k(t) + v(t), x) - weights == one
+    out = q(x)
+    with torch.no_grad():
+        x.mul_(0)  # changed in place: the next layer compacts the new values, not the remembered ones
+    x.grad = None
+    (k(x) + out).sum().backward()
+    assert torch.equal(k.weight.grad, torch.zeros_like(k.weight))  # dL/dW = grad^T x, x all zeros now
+    assert not torch.equal(q.weight.grad, torch.zeros_like(q.weight))  # q saved x before the change
+
+
 # ---- the shared helper: compact / restore
 
 

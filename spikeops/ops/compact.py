@@ -47,19 +47,40 @@ class CompactMeta(NamedTuple):
     memory_format: torch.memory_format
 
 
+_MEMO = "_spikeops_compact"  # on x's root: (root version, what was compacted, the result) of the last compact
+
+
 def compact(x: torch.Tensor, dim: int = -1, backend: str = "auto") -> tuple[torch.Tensor, CompactMeta]:
     """(tensor to save, meta): ``x`` bit-packed along ``dim`` if it is 0/1, as uint8 if it holds
-    integers 0..255, else ``x`` itself. ``backend`` picks the packing kernel."""
+    integers 0..255, else ``x`` itself. ``backend`` picks the packing kernel.
+
+    The result is remembered on ``x`` (its root, while that is not modified in place): the next
+    compact of the same ``x`` returns the same saved tensor, so layers fed the same input
+    (Spikformer's q, k and v projections) keep one copy between them and pack it once."""
     meta = CompactMeta("plain", x.shape, dim % max(x.dim(), 1), x.dtype, memory_format(x))
     if x.numel() == 0 or x.dim() == 0 or not x.is_floating_point():
         return x, meta
+    if x.is_inference():  # no version counter to tell whether x changed since
+        return _compact(x, meta, backend)
+    root = x if x._base is None else x._base
+    key = (x.shape, x.stride(), x.storage_offset(), x.dtype, meta.dim, backend)
+    memo = getattr(root, _MEMO, None)
+    if memo is not None and memo[0] == root._version and memo[1] == key:
+        return memo[2]
+    saved, meta = _compact(x, meta, backend)
+    if meta.kind != "plain":  # (the plain form is x itself: nothing to share, and no cycle x -> x)
+        setattr(root, _MEMO, (root._version, key, (saved, meta)))
+    return saved, meta
+
+
+def _compact(x: torch.Tensor, meta: CompactMeta, backend: str) -> tuple[torch.Tensor, CompactMeta]:
     bound = counts_bound(x)  # known without looking at the values (no host sync on a GPU)
     if bound == 1:
         return pack_words(x, meta.dim, False, backend)[0], meta._replace(kind="bits")
     if bound is not None:
         return to_counts(x, False, backend)[0], meta._replace(kind="uint8")
-    # checked: the answer is recorded on x, so the next layer given the same x (Spikformer's q, k
-    # and v projections) does not check it again
+    # checked: the answer is recorded on x (its bound), so compacting x in another form (another
+    # dim) does not check it again
     words, binary = pack_words(x, meta.dim, True, backend)
     if binary:
         mark_counts(x, 1)
