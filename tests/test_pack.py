@@ -89,14 +89,23 @@ def test_padding_bits_are_zero(backend, n):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [0.5, 2.0, -1.0, float("nan"), -float("nan"), float("inf"), -float("inf"),
-                                   1.0000001, 0.99999994, 1e-45, -1e-45])
+                                   1.0000001, 0.99999994, 1.0078125, 0.99609375, 1e-7, 1e-40, 1e-45, -1e-45, -0.0])
 # one bad value in each part of a 76-wide row that a CPU path packs its own way: AVX2 a whole block
 # of 32 (5), the 8 at a time after it (64-71) and the values one at a time (72-75); AVX-512 whole
-# vectors of 16 (5) and the 12 values of the last, masked one (66, 74)
+# vectors of 16 (5) and the 12 values of the last, masked one (66, 74); fp16 / bf16 with AVX-512
+# vectors of 32 (5) and the masked one of 12 (66, 74)
 @pytest.mark.parametrize("position", [5, 66, 74])
-def test_non_binary_input_raises_unless_check_is_off(backend, value, position):
-    x = spikes((3, 76), device=device_for(backend))
+@pytest.mark.parametrize("dtype", HALF_AND_SINGLE)
+def test_non_binary_input_raises_unless_check_is_off(backend, value, position, dtype, request):
+    x = spikes((3, 76), dtype=dtype, device=device_for(backend))
     x[1, position] = value
+    if backend == "triton" and dtype == torch.bfloat16 and value == 1e-40 and x.device.type == "cpu":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "the Triton interpreter converts bf16 subnormals to fp32 wrongly (9.2e-41 -> 0, 3.0e-39 -> "
+            "3.7e-40; checked with a load + .to(tl.float32) kernel), so the kernel sees 0; unverified on a GPU")))
+    if x[1, position] in (0.0, 1.0):  # -0, or rounded to a spike in this dtype (1e-45 in bf16): packed as one
+        assert torch.equal(spikeops.pack_spikes(x, backend=backend).words.cpu(), expected_words(x, -1))
+        return
     with pytest.raises(ValueError, match="0 and 1"):
         spikeops.pack_spikes(x, backend=backend)
     assert spikeops.pack_if_binary(x, backend=backend) is None

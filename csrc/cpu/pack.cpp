@@ -18,9 +18,44 @@ namespace spikeops {
 namespace cpu {
 namespace {
 
-// One row of n values into words; fp16/bf16/fp64 go through buf one word at a time.
+#if defined(__x86_64__) && defined(__GNUC__)
+// pack_row for fp16 / bf16 with AVX-512 straight from their bits, 32 values per compare (going
+// through floats took ~4x a copy of the input): x != 0 is (bits & 0x7FFF) != 0, NaN included as
+// for floats, and x == 1 is bits == one, the format's 1.0 (no other pattern equals 1).
+__attribute__((target("avx512f,avx512bw"))) bool pack_row_16_avx512(const uint16_t* row, int64_t n, uint16_t one,
+                                                                     uint64_t* words) {
+  const __m512i magnitude = _mm512_set1_epi16(0x7FFF), ones = _mm512_set1_epi16(static_cast<short>(one));
+  uint32_t not_binary = 0;  // lanes where (x != 0) differs from (x == 1)
+  for (int64_t w = 0; w * 64 < n; ++w) {
+    const int64_t m = std::min<int64_t>(64, n - w * 64);
+    uint64_t bits = 0;
+    for (int64_t j = 0; j < m; j += 32) {  // the lanes past the row load as 0
+      const __mmask32 lanes = m - j >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (m - j)) - 1);
+      const __m512i v = _mm512_maskz_loadu_epi16(lanes, row + w * 64 + j);
+      const __mmask32 nonzero = _mm512_test_epi16_mask(v, magnitude);
+      not_binary |= nonzero & _mm512_cmpneq_epi16_mask(v, ones);
+      bits |= static_cast<uint64_t>(nonzero) << j;
+    }
+    words[w] = bits;
+  }
+  return not_binary != 0;
+}
+#endif
+
+// One row of n values into words; fp16/bf16 (without AVX-512) and fp64 go through buf one word at
+// a time.
 template <typename scalar_t>
 bool pack_row(const scalar_t* row, int64_t n, uint64_t* words, float* buf) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (avx512_enabled()) {
+      const scalar_t one_value(1.0f);
+      uint16_t one;
+      std::memcpy(&one, &one_value, sizeof(one));
+      return pack_row_16_avx512(reinterpret_cast<const uint16_t*>(row), n, one, words);
+    }
+  }
+#endif
   bool bad = false;
   for (int64_t w = 0; w * 64 < n; ++w) {
     const int64_t m = std::min<int64_t>(64, n - w * 64);
