@@ -1,7 +1,6 @@
 // Branch-free float math that GCC auto-vectorises (libm's expf does not vectorise without
 // -ffast-math). Accuracy: exp within ~2 ulp.
 #pragma once
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -10,7 +9,8 @@ namespace cpu {
 
 // exp(-a) for a >= 0 (NaN kept), a clamped to 87 (exp(-87) ~ 1.6e-38, still a normal float).
 static inline __attribute__((always_inline)) float exp_minus(float a) {
-  // the clamp as the one compare-select that compiles to a single min instruction (IEEE NaN rules)
+  // the clamp as one compare-select (std::min / std::max, under IEEE NaN rules, compiled to chains
+  // of compares and blends)
   const float x = -(87.0f < a ? 87.0f : a);
   // x = n ln2 + r, |r| <= ln2/2: n = x log2(e) rounded to nearest by adding and subtracting
   // 1.5 * 2^23 (exact for |n| < 2^22; t's low mantissa bits then hold n)
@@ -25,10 +25,11 @@ static inline __attribute__((always_inline)) float exp_minus(float a) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  // 2^n from t's bits: bits(t) = 0x4B400000 + n, so (bits(t) - 0x4B400000 + 127) << 23
-  int32_t bits;
+  // 2^n from t's bits: bits(t) = 0x4B400000 + n, so (bits(t) - 0x4B400000 + 127) << 23 (unsigned:
+  // NaN's bits wrap instead of shifting a negative int)
+  uint32_t bits;
   std::memcpy(&bits, &t, sizeof(bits));
-  bits = (bits - (0x4B400000 - 127)) << 23;
+  bits = (bits - (0x4B400000u - 127u)) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
