@@ -56,6 +56,27 @@ void step_forward(const float* x, float* v, float* s, float* h, int64_t n, LifCo
   }
 }
 
+// A forward step for the backward: d = H - v_threshold (lif_distance, as load_state makes it from
+// a saved H) instead of the spikes and H.
+template <bool kHard, bool kDecayInput>
+static inline __attribute__((always_inline)) void step_distance_impl(
+    const float* __restrict x, float* __restrict v, float* __restrict d, int64_t n, LifConsts c) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float hi = lif_charge<kDecayInput>(v[i], x[i], c);
+    d[i] = lif_distance(hi, c);
+    v[i] = lif_reset<kHard>(hi, lif_fire(hi, c), c);
+  }
+}
+
+SPIKEOPS_SIMD_CLONES
+void step_distance(const float* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) {
+  if (hard) {
+    decay_input ? step_distance_impl<true, true>(x, v, d, n, c) : step_distance_impl<true, false>(x, v, d, n, c);
+  } else {
+    decay_input ? step_distance_impl<false, true>(x, v, d, n, c) : step_distance_impl<false, false>(x, v, d, n, c);
+  }
+}
+
 // d: H - v_threshold (lif_distance). The surrogate gets a loop of its own: fused into the
 // loop below, GCC does not vectorise it.
 template <bool kHard, bool kDetach, int64_t kSurrogate>
@@ -124,7 +145,7 @@ BackwardArgs backward_args(const char* op, const at::Tensor& grad_spikes, double
 }
 
 // The backward steps t = T-1 .. 0 of the n neurons from c0 (n <= kChunk): dL/dS gsp [T, N] -> dL/dX
-// gxp [T, N]; state(t, d) writes H - v_threshold of step t (load_state) into d.
+// gxp [T, N]; state(t, buf) returns H - v_threshold of step t (load_state's d), in buf or elsewhere.
 template <typename scalar_t, typename State>
 void backward_chunk(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, int64_t c0, int64_t n,
                     const BackwardArgs& b, const State& state) {
@@ -133,9 +154,8 @@ void backward_chunk(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, in
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t off = t * N + c0;
     float* gx_out = float_out(gxp + off, gxbuf);
-    state(t, dbuf);
-    step_backward(as_float(gsp + off, n, gsbuf), dbuf, gv, gx_out, n, b.c, b.alpha, b.hard_reset, b.detach_reset,
-                  b.surrogate, b.decay_input);
+    step_backward(as_float(gsp + off, n, gsbuf), state(t, dbuf), gv, gx_out, n, b.c, b.alpha, b.hard_reset,
+                  b.detach_reset, b.surrogate, b.decay_input);
     store_floats(gxp + off, gx_out, n);
   }
 }
@@ -200,6 +220,7 @@ at::Tensor lif_backward(
         backward_chunk(gsp, gxp, T, N, c0, n, b, [&](int64_t t, float* d) {
           const int64_t off = t * N + c0;
           load_state(hp ? hp + off : nullptr, hbp ? hbp + off : nullptr, d, n, b.c);
+          return static_cast<const float*>(d);
         });
       }
     });
@@ -222,16 +243,16 @@ at::Tensor lif_backward_from_input(
     const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> h(T * kChunk);  // the chunk's H over all steps, as lif_forward saves it
-      float v[kChunk], xbuf[kChunk], sbuf[kChunk];
+      // the chunk's H - v_threshold over all steps, as load_state makes it from lif_forward's H
+      std::vector<float> d(T * kChunk);
+      float v[kChunk], xbuf[kChunk];
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t n = std::min(kChunk, end - c0);
         std::fill(v, v + n, b.c.v_reset);
-        for (int64_t t = 0; t < T; ++t)  // lif_forward's steps, spikes discarded
-          step_forward(as_float(xp + t * N + c0, n, xbuf), v, sbuf, h.data() + t * kChunk, n, b.c, hard_reset,
-                       decay_input);
+        for (int64_t t = 0; t < T; ++t)  // lif_forward's steps
+          step_distance(as_float(xp + t * N + c0, n, xbuf), v, d.data() + t * kChunk, n, b.c, hard_reset, decay_input);
         backward_chunk(gsp, gxp, T, N, c0, n, b,
-                       [&](int64_t t, float* d) { load_state(h.data() + t * kChunk, nullptr, d, n, b.c); });
+                       [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
       }
     });
   });
