@@ -3,7 +3,6 @@
 #pragma once
 
 #include "../ops.h"
-#include "float_staging.h"
 #include "simd_math.h"
 
 #include <cstdint>

@@ -13,6 +13,7 @@
 
 #include "../ops.h"
 #include "bits.h"
+#include "float_staging.h"
 
 namespace spikeops {
 namespace cpu {
@@ -59,7 +60,7 @@ bool pack_row(const scalar_t* row, int64_t n, uint64_t* words, float* buf) {
   bool bad = false;
   for (int64_t w = 0; w * 64 < n; ++w) {
     const int64_t m = std::min<int64_t>(64, n - w * 64);
-    for (int64_t j = 0; j < m; ++j) buf[j] = static_cast<float>(row[w * 64 + j]);
+    as_float_into(row + w * 64, m, buf);
     bad |= pack_bits(buf, m, words + w);
   }
   return bad;
