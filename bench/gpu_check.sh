@@ -50,7 +50,7 @@ if [ -n "$CPP_S" ]; then
   timeout -s INT -k 15 "$CPP_S" bash -c 'grep -m1 "model name" /proc/cpuinfo; grep -o -w "avx2\|avx512f\|bmi1" /proc/cpuinfo | sort -u | tr "\n" " "; echo
     MAX_JOBS=16 python3 setup.py build_ext --inplace >"$SPIKEOPS_OUT/cpp_build.log" 2>&1 || { tail -n 30 "$SPIKEOPS_OUT/cpp_build.log"; exit 3; }
     python3 -c "import spikeops._C as C; print(\"cpp built; avx2 path:\", C.avx2_enabled())"
-    python3 -m pytest -q -rfE --tb=short -k "cpp or simd_paths" $SPIKEOPS_XDIST -p no:cacheprovider tests/test_pack.py tests/test_spike_matmul.py tests/test_ssa.py tests/test_token_attention.py tests/test_lif.py tests/test_spike_layers.py tests/test_simd_paths.py >"$SPIKEOPS_OUT/cpp_tests.log" 2>&1' 2>&1 | tee -a "$OUT/env.txt"
+    python3 -m pytest -q -rfE --tb=short -k "cpp or simd_paths" $SPIKEOPS_XDIST -p no:cacheprovider tests/test_pack.py tests/test_spike_matmul.py tests/test_ssa.py tests/test_token_attention.py tests/test_lif.py tests/test_spike_layers.py tests/test_simd_paths.py tests/test_max_pool.py tests/test_batch_norm_lif.py tests/test_known_counts.py >"$SPIKEOPS_OUT/cpp_tests.log" 2>&1' 2>&1 | tee -a "$OUT/env.txt"
   echo "cpp build + tests: exit ${PIPESTATUS[0]} (124 = interrupted at ${CPP_S}s)" | tee -a "$OUT/env.txt"
   tail -n 15 "$OUT/cpp_tests.log" 2>/dev/null
 fi
