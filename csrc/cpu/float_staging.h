@@ -45,6 +45,27 @@ static void floats_into_bf16(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
 }
 
+// Element access for loops that read and write fp32 or bf16 (as its bits, uint16_t) in place: the
+// bf16 conversion is a few integer ops per vector inside the loop, no staging buffer and no
+// second pass over it. in_loop(p) is p as such a loop takes it (fp32 and bf16 only, kInLoop);
+// fp16 and fp64 go through the staging buffers below.
+static inline __attribute__((always_inline)) float load_float(const float* p, int64_t i) { return p[i]; }
+static inline __attribute__((always_inline)) float load_float(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+static inline __attribute__((always_inline)) void store_float(float* p, int64_t i, float v) { p[i] = v; }
+static inline __attribute__((always_inline)) void store_float(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+// a spike (1) or not (0): bf16's 1.0 is 0x3F80
+static inline __attribute__((always_inline)) void store_spike(float* p, int64_t i, bool s) { p[i] = s ? 1.0f : 0.0f; }
+static inline __attribute__((always_inline)) void store_spike(uint16_t* p, int64_t i, bool s) { p[i] = s ? 0x3F80u : 0u; }
+
+template <typename scalar_t>
+constexpr bool kInLoop = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+template <typename scalar_t>
+using in_loop_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, uint16_t, float>;
+template <typename scalar_t>
+const in_loop_t<scalar_t>* in_loop(const scalar_t* p) { return reinterpret_cast<const in_loop_t<scalar_t>*>(p); }
+template <typename scalar_t>
+in_loop_t<scalar_t>* in_loop(scalar_t* p) { return reinterpret_cast<in_loop_t<scalar_t>*>(p); }
+
 // dst[0, n) = src[0, n) converted to float.
 template <typename scalar_t>
 void as_float_into(const scalar_t* src, int64_t n, float* dst) {

@@ -31,77 +31,91 @@ constexpr int64_t kChunk = 512;
 #define SPIKEOPS_SIMD_CLONES
 #endif
 
-template <bool kHard, bool kDecayInput>
+// x and s are fp32 or bf16 (E = float / uint16_t, see float_staging.h: in_loop); v, h fp32.
+template <bool kHard, bool kDecayInput, typename E>
 static inline __attribute__((always_inline)) void step_forward_impl(
-    const float* __restrict x, float* __restrict v, float* __restrict s,
+    const E* __restrict x, float* __restrict v, E* __restrict s,
     float* __restrict h, int64_t n, LifConsts c) {
   for (int64_t i = 0; i < n; ++i) {
-    const float hi = lif_charge<kDecayInput>(v[i], x[i], c);
+    const float hi = lif_charge<kDecayInput>(v[i], load_float(x, i), c);
     const bool fire = lif_fire(hi, c);
-    s[i] = fire ? 1.0f : 0.0f;
+    store_spike(s, i, fire);
     h[i] = hi;
     v[i] = lif_reset<kHard>(hi, fire, c);
   }
 }
 
-SPIKEOPS_SIMD_CLONES
-void step_forward(const float* x, float* v, float* s, float* h, int64_t n, LifConsts c,
-                  bool hard, bool decay_input) {
-  if (hard) {
-    decay_input ? step_forward_impl<true, true>(x, v, s, h, n, c)
-                : step_forward_impl<true, false>(x, v, s, h, n, c);
-  } else {
-    decay_input ? step_forward_impl<false, true>(x, v, s, h, n, c)
-                : step_forward_impl<false, false>(x, v, s, h, n, c);
+#define SPIKEOPS_STEP_FORWARD(E)                                                                      \
+  SPIKEOPS_SIMD_CLONES                                                                                \
+  void step_forward(const E* x, float* v, E* s, float* h, int64_t n, LifConsts c, bool hard,          \
+                    bool decay_input) {                                                               \
+    if (hard) {                                                                                       \
+      decay_input ? step_forward_impl<true, true>(x, v, s, h, n, c)                                   \
+                  : step_forward_impl<true, false>(x, v, s, h, n, c);                                 \
+    } else {                                                                                          \
+      decay_input ? step_forward_impl<false, true>(x, v, s, h, n, c)                                  \
+                  : step_forward_impl<false, false>(x, v, s, h, n, c);                                \
+    }                                                                                                 \
   }
-}
+SPIKEOPS_STEP_FORWARD(float)
+SPIKEOPS_STEP_FORWARD(uint16_t)
+#undef SPIKEOPS_STEP_FORWARD
 
 // A forward step for the backward: d = H - v_threshold (lif_distance, as load_state makes it from
 // a saved H) instead of the spikes and H.
-template <bool kHard, bool kDecayInput>
+template <bool kHard, bool kDecayInput, typename E>
 static inline __attribute__((always_inline)) void step_distance_impl(
-    const float* __restrict x, float* __restrict v, float* __restrict d, int64_t n, LifConsts c) {
+    const E* __restrict x, float* __restrict v, float* __restrict d, int64_t n, LifConsts c) {
   for (int64_t i = 0; i < n; ++i) {
-    const float hi = lif_charge<kDecayInput>(v[i], x[i], c);
+    const float hi = lif_charge<kDecayInput>(v[i], load_float(x, i), c);
     d[i] = lif_distance(hi, c);
     v[i] = lif_reset<kHard>(hi, lif_fire(hi, c), c);
   }
 }
 
-SPIKEOPS_SIMD_CLONES
-void step_distance(const float* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) {
-  if (hard) {
-    decay_input ? step_distance_impl<true, true>(x, v, d, n, c) : step_distance_impl<true, false>(x, v, d, n, c);
-  } else {
-    decay_input ? step_distance_impl<false, true>(x, v, d, n, c) : step_distance_impl<false, false>(x, v, d, n, c);
+#define SPIKEOPS_STEP_DISTANCE(E)                                                                               \
+  SPIKEOPS_SIMD_CLONES                                                                                          \
+  void step_distance(const E* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) {     \
+    if (hard) {                                                                                                 \
+      decay_input ? step_distance_impl<true, true>(x, v, d, n, c) : step_distance_impl<true, false>(x, v, d, n, c); \
+    } else {                                                                                                    \
+      decay_input ? step_distance_impl<false, true>(x, v, d, n, c)                                              \
+                  : step_distance_impl<false, false>(x, v, d, n, c);                                            \
+    }                                                                                                           \
   }
-}
+SPIKEOPS_STEP_DISTANCE(float)
+SPIKEOPS_STEP_DISTANCE(uint16_t)
+#undef SPIKEOPS_STEP_DISTANCE
 
-// d: H - v_threshold (lif_distance). The surrogate gets a loop of its own: fused into the
-// loop below, GCC does not vectorise it.
-template <bool kHard, bool kDetach, int64_t kSurrogate>
+// d: H - v_threshold (lif_distance); gs and gx fp32 or bf16 (E). The surrogate gets a loop of its
+// own: fused into the loop below, GCC does not vectorise it.
+template <bool kHard, bool kDetach, int64_t kSurrogate, typename E>
 static inline __attribute__((always_inline)) void step_backward_impl(
-    const float* __restrict gs, const float* __restrict d, float* __restrict gv,
-    float* __restrict gx, int64_t n, LifConsts c, float alpha, bool decay_input) {
+    const E* __restrict gs, const float* __restrict d, float* __restrict gv,
+    E* __restrict gx, int64_t n, LifConsts c, float alpha, bool decay_input) {
   float sgbuf[kChunk];
   for (int64_t i = 0; i < n; ++i) sgbuf[i] = surrogate_grad<kSurrogate>(d[i], alpha);
-  for (int64_t i = 0; i < n; ++i) gx[i] = lif_grad_step<kHard, kDetach>(d[i], sgbuf[i], gs[i], gv[i], c, decay_input);
+  for (int64_t i = 0; i < n; ++i)
+    store_float(gx, i, lif_grad_step<kHard, kDetach>(d[i], sgbuf[i], load_float(gs, i), gv[i], c, decay_input));
 }
 
-SPIKEOPS_SIMD_CLONES
-void step_backward(const float* gs, const float* d, float* gv, float* gx, int64_t n,
-                   LifConsts c, float alpha, bool hard, bool detach, int64_t surrogate,
-                   bool decay_input) {
 #define SPIKEOPS_BWD(H, D, S) step_backward_impl<H, D, S>(gs, d, gv, gx, n, c, alpha, decay_input)
-  if (surrogate == kSigmoid) {
-    if (hard) { detach ? SPIKEOPS_BWD(true, true, kSigmoid) : SPIKEOPS_BWD(true, false, kSigmoid); }
-    else { detach ? SPIKEOPS_BWD(false, true, kSigmoid) : SPIKEOPS_BWD(false, false, kSigmoid); }
-  } else {
-    if (hard) { detach ? SPIKEOPS_BWD(true, true, kATan) : SPIKEOPS_BWD(true, false, kATan); }
-    else { detach ? SPIKEOPS_BWD(false, true, kATan) : SPIKEOPS_BWD(false, false, kATan); }
+#define SPIKEOPS_STEP_BACKWARD(E)                                                                             \
+  SPIKEOPS_SIMD_CLONES                                                                                        \
+  void step_backward(const E* gs, const float* d, float* gv, E* gx, int64_t n, LifConsts c, float alpha,      \
+                     bool hard, bool detach, int64_t surrogate, bool decay_input) {                           \
+    if (surrogate == kSigmoid) {                                                                              \
+      if (hard) { detach ? SPIKEOPS_BWD(true, true, kSigmoid) : SPIKEOPS_BWD(true, false, kSigmoid); }        \
+      else { detach ? SPIKEOPS_BWD(false, true, kSigmoid) : SPIKEOPS_BWD(false, false, kSigmoid); }           \
+    } else {                                                                                                  \
+      if (hard) { detach ? SPIKEOPS_BWD(true, true, kATan) : SPIKEOPS_BWD(true, false, kATan); }              \
+      else { detach ? SPIKEOPS_BWD(false, true, kATan) : SPIKEOPS_BWD(false, false, kATan); }                 \
+    }                                                                                                         \
   }
+SPIKEOPS_STEP_BACKWARD(float)
+SPIKEOPS_STEP_BACKWARD(uint16_t)
+#undef SPIKEOPS_STEP_BACKWARD
 #undef SPIKEOPS_BWD
-}
 
 // The saved state of n neurons at one step: H (fp32 state) or H - v_threshold rounded to bf16.
 SPIKEOPS_SIMD_CLONES
@@ -153,10 +167,14 @@ void backward_chunk(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, in
   std::fill(gv, gv + n, 0.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t off = t * N + c0;
-    float* gx_out = float_out(gxp + off, gxbuf);
-    step_backward(as_float(gsp + off, n, gsbuf), state(t, dbuf), gv, gx_out, n, b.c, b.alpha, b.hard_reset,
-                  b.detach_reset, b.surrogate, b.decay_input);
-    store_floats(gxp + off, gx_out, n);
+    if constexpr (kInLoop<scalar_t>) {
+      step_backward(in_loop(gsp + off), state(t, dbuf), gv, in_loop(gxp + off), n, b.c, b.alpha, b.hard_reset,
+                    b.detach_reset, b.surrogate, b.decay_input);
+    } else {
+      step_backward(as_float(gsp + off, n, gsbuf), state(t, dbuf), gv, gxbuf, n, b.c, b.alpha, b.hard_reset,
+                    b.detach_reset, b.surrogate, b.decay_input);
+      store_floats(gxp + off, gxbuf, n);
+    }
   }
 }
 
@@ -184,10 +202,13 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
         std::fill(v, v + n, c.v_reset);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t off = t * N + c0;
-          float* s_out = float_out(sp + off, sbuf);
-          step_forward(as_float(xp + off, n, xbuf), v, s_out, hp ? hp + off : hbuf, n, c,
-                       hard_reset, decay_input);
-          store_floats(sp + off, s_out, n);
+          float* h_out = hp ? hp + off : hbuf;
+          if constexpr (kInLoop<scalar_t>) {
+            step_forward(in_loop(xp + off), v, in_loop(sp + off), h_out, n, c, hard_reset, decay_input);
+          } else {
+            step_forward(as_float(xp + off, n, xbuf), v, sbuf, h_out, n, c, hard_reset, decay_input);
+            store_floats(sp + off, sbuf, n);
+          }
           if (hbp) store_state_bf16(hbuf, hbp + off, n, c);
         }
       }
@@ -249,8 +270,15 @@ at::Tensor lif_backward_from_input(
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t n = std::min(kChunk, end - c0);
         std::fill(v, v + n, b.c.v_reset);
-        for (int64_t t = 0; t < T; ++t)  // lif_forward's steps
-          step_distance(as_float(xp + t * N + c0, n, xbuf), v, d.data() + t * kChunk, n, b.c, hard_reset, decay_input);
+        for (int64_t t = 0; t < T; ++t) {  // lif_forward's steps
+          const int64_t off = t * N + c0;
+          float* dt = d.data() + t * kChunk;
+          if constexpr (kInLoop<scalar_t>) {
+            step_distance(in_loop(xp + off), v, dt, n, b.c, hard_reset, decay_input);
+          } else {
+            step_distance(as_float(xp + off, n, xbuf), v, dt, n, b.c, hard_reset, decay_input);
+          }
+        }
         backward_chunk(gsp, gxp, T, N, c0, n, b,
                        [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
       }
