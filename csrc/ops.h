@@ -30,6 +30,16 @@ at::Tensor lif_backward_from_input(
     const at::Tensor& grad_spikes, const at::Tensor& x, double tau, double v_threshold,
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset,
     int64_t surrogate, double alpha);
+// lif_backward_from_input(grad_spikes, Z, ...) with Z = BatchNorm(y) in training mode recomputed per
+// chunk of neurons from the BatchNorm input y [T, M] (fp32 or bf16, grad_spikes' dtype) and the
+// forward's batch statistics mean, invstd [C] (fp32), with weight and bias [C] (fp32): element i of
+// a row is channel (i / inner) % C. Z is computed as ATen's CPU BatchNorm computes it (alpha =
+// invstd * weight, beta = fma(-mean, alpha, bias), Z = fma(y, alpha, beta) rounded to y's dtype);
+// the caller checks once that this equals ATen's output bit for bit (spikeops/ops/batch_norm_lif.py).
+at::Tensor lif_backward_from_bn_input(
+    const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t inner, double tau, double v_threshold,
+    double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha);
 
 // x: [R, n] contiguous 0./1. floats -> (int64 words [R, ceil(n/64)], all values were 0 or 1).
 // Bit j of word w holds x[r, 64w + j]; padding bits are 0. The check is skipped when !check.

@@ -114,6 +114,33 @@ def test_half_precision_input_is_fused_and_equals_the_two_modules(backend, dtype
     assert fused <= base.numel() * 2 + 4096  # the half-precision y only
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(8, 6, 5, 3), (4 * 10, 8), (4, 3, 37), (8, 48, 7, 7), (4, 40, 16)])
+def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, monkeypatch):
+    """Training on the C++ backend, backward computes BN(y) inside the LIF kernel from the forward's
+    statistics instead of running BatchNorm again: the same gradients, bit for bit (shapes with
+    SIMD remainders, channels at dim 1 of [N, C, L] and [N, C] rows, as ATen lays them out)."""
+    pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
+    from spikeops.ops import batch_norm_lif as module
+    assert module._kernel_affine_matches_aten(dtype), "this torch's BatchNorm computes Z otherwise: the kernel path is off"
+    calls = []
+    kernel = module._lif_backward_from_bn_input
+    monkeypatch.setattr(module, "_lif_backward_from_bn_input", lambda *a: calls.append(1) or kernel(*a))
+    grads = {}
+    for in_kernel in (True, False):
+        monkeypatch.setitem(module._AFFINE_MATCHES_ATEN, dtype, in_kernel)
+        bn, lif = modules("bn1d" if len(shape) == 2 else "bn2d", shape[1], "cpp")
+        if len(shape) == 3:
+            bn = nn.BatchNorm1d(shape[1])
+        y = inputs("bn2d", shape).to(dtype).requires_grad_()
+        out = batch_norm_lif(y, bn, lif, T=4 if shape[0] % 4 == 0 else 1)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dtype))
+        grads[in_kernel] = [y.grad, bn.weight.grad, bn.bias.grad]
+    assert len(calls) == 1  # the first pass took the kernel path, the second did not
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+
+
 def test_autocast_linear_bn_lif_keeps_only_the_half_precision_input_of_the_batch_norm():
     torch.manual_seed(0)
     layer = spikeops.nn.SpikeLinearBNLIF(32, 64, backend="cpp")

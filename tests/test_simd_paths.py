@@ -4,8 +4,8 @@ Where the CPU has AVX-512 (F, BW) or AVX2 the kernels take it (csrc/cpu/cpu_feat
 narrower paths would go untested here: the AVX2 packing, sums and neuron on an AVX-512 machine, the
 SSE2 packing and the GCC-vector sums of the attention kernels on an AVX2 one. With
 SPIKEOPS_NO_AVX512=1 the extension takes the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline
-ones; this file runs the C++ tests of packing, the Spike* layers, SSA and token attention again in
-such processes.
+ones; this file runs the C++ tests of packing, the Spike* layers, SSA, token attention and
+batch_norm_lif again in such processes.
 """
 import os
 import subprocess
@@ -17,7 +17,8 @@ import pytest
 C = pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_FILES = ["tests/test_pack.py", "tests/test_spike_layers.py", "tests/test_ssa.py", "tests/test_token_attention.py"]
+TEST_FILES = ["tests/test_pack.py", "tests/test_spike_layers.py", "tests/test_ssa.py", "tests/test_token_attention.py",
+              "tests/test_batch_norm_lif.py"]
 SWITCHES = {"SPIKEOPS_NO_AVX2": "avx2_enabled", "SPIKEOPS_NO_AVX512": "avx512_enabled"}
 
 

@@ -13,9 +13,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
+#include "cpu_features.h"
 #include "float_staging.h"
 #include "lif_math.h"
 
@@ -62,30 +64,85 @@ SPIKEOPS_STEP_FORWARD(uint16_t)
 #undef SPIKEOPS_STEP_FORWARD
 
 // A forward step for the backward: d = H - v_threshold (lif_distance, as load_state makes it from
-// a saved H) instead of the spikes and H.
-template <bool kHard, bool kDecayInput, typename E>
+// a saved H) instead of the spikes and H. x(i) is the step's input of neuron i (Stored or
+// BatchNormed below).
+template <bool kHard, bool kDecayInput, typename Input>
 static inline __attribute__((always_inline)) void step_distance_impl(
-    const E* __restrict x, float* __restrict v, float* __restrict d, int64_t n, LifConsts c) {
+    Input x, float* __restrict v, float* __restrict d, int64_t n, LifConsts c) {
   for (int64_t i = 0; i < n; ++i) {
-    const float hi = lif_charge<kDecayInput>(v[i], load_float(x, i), c);
+    const float hi = lif_charge<kDecayInput>(v[i], x(i), c);
     d[i] = lif_distance(hi, c);
     v[i] = lif_reset<kHard>(hi, lif_fire(hi, c), c);
   }
 }
 
-#define SPIKEOPS_STEP_DISTANCE(E)                                                                               \
-  SPIKEOPS_SIMD_CLONES                                                                                          \
-  void step_distance(const E* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) {     \
-    if (hard) {                                                                                                 \
-      decay_input ? step_distance_impl<true, true>(x, v, d, n, c) : step_distance_impl<true, false>(x, v, d, n, c); \
-    } else {                                                                                                    \
-      decay_input ? step_distance_impl<false, true>(x, v, d, n, c)                                              \
-                  : step_distance_impl<false, false>(x, v, d, n, c);                                            \
-    }                                                                                                           \
+template <typename Input>
+static inline __attribute__((always_inline)) void step_distance_any(Input x, float* v, float* d, int64_t n, LifConsts c,
+                                                                     bool hard, bool decay_input) {
+  if (hard) {
+    decay_input ? step_distance_impl<true, true>(x, v, d, n, c) : step_distance_impl<true, false>(x, v, d, n, c);
+  } else {
+    decay_input ? step_distance_impl<false, true>(x, v, d, n, c) : step_distance_impl<false, false>(x, v, d, n, c);
+  }
+}
+
+// The input as stored (fp32 or bf16, E = float / uint16_t).
+template <typename E>
+struct Stored {
+  const E* __restrict x;
+  __attribute__((always_inline)) float operator()(int64_t i) const { return load_float(x, i); }
+};
+
+// BatchNorm's output from its input y as ATen's CPU kernel computes it: fma(y, a, b) (its vectorised
+// y * alpha + beta is compiled to an FMA), rounded to y's dtype; a, b: alpha, beta of each neuron's
+// channel.
+template <typename E>
+struct BatchNormed {
+  const E* __restrict y;
+  const float* __restrict a;
+  const float* __restrict b;
+  __attribute__((always_inline)) float operator()(int64_t i) const {
+    const float z = __builtin_fmaf(load_float(y, i), a[i], b[i]);
+    if constexpr (std::is_same_v<E, uint16_t>) {
+      return bf16_to_float(float_to_bf16(z));
+    } else {
+      return z;
+    }
+  }
+};
+
+#define SPIKEOPS_STEP_DISTANCE(E)                                                                        \
+  SPIKEOPS_SIMD_CLONES                                                                                   \
+  void step_distance(const E* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) { \
+    step_distance_any(Stored<E>{x}, v, d, n, c, hard, decay_input);                                      \
   }
 SPIKEOPS_STEP_DISTANCE(float)
 SPIKEOPS_STEP_DISTANCE(uint16_t)
 #undef SPIKEOPS_STEP_DISTANCE
+
+// step_distance on BatchNorm's output (BatchNormed). The FMA needs its own set of targets (an AVX2
+// clone without FMA would call libm's fmaf for every element): AVX-512, AVX2 + FMA, and baseline
+// x86-64 (libm's fmaf), picked at run time.
+#define SPIKEOPS_STEP_DISTANCE_BN(NAME, TARGET, E)                                                       \
+  TARGET void NAME(const E* y, const float* a, const float* b, float* v, float* d, int64_t n, LifConsts c, \
+                   bool hard, bool decay_input) {                                                        \
+    step_distance_any(BatchNormed<E>{y, a, b}, v, d, n, c, hard, decay_input);                           \
+  }
+#define SPIKEOPS_STEP_DISTANCE_BN_ALL(E)                                                                 \
+  SPIKEOPS_STEP_DISTANCE_BN(step_distance_bn_avx512, __attribute__((target("avx512f,avx512bw"))), E)    \
+  SPIKEOPS_STEP_DISTANCE_BN(step_distance_bn_avx2, __attribute__((target("avx2,fma"))), E)               \
+  SPIKEOPS_STEP_DISTANCE_BN(step_distance_bn_default, , E)                                               \
+  void step_distance_bn(const E* y, const float* a, const float* b, float* v, float* d, int64_t n, LifConsts c, \
+                        bool hard, bool decay_input) {                                                   \
+    static const bool fma = __builtin_cpu_supports("fma");                                               \
+    if (avx512_enabled()) step_distance_bn_avx512(y, a, b, v, d, n, c, hard, decay_input);               \
+    else if (avx2_enabled() && fma) step_distance_bn_avx2(y, a, b, v, d, n, c, hard, decay_input);       \
+    else step_distance_bn_default(y, a, b, v, d, n, c, hard, decay_input);                               \
+  }
+SPIKEOPS_STEP_DISTANCE_BN_ALL(float)
+SPIKEOPS_STEP_DISTANCE_BN_ALL(uint16_t)
+#undef SPIKEOPS_STEP_DISTANCE_BN_ALL
+#undef SPIKEOPS_STEP_DISTANCE_BN
 
 // d: H - v_threshold (lif_distance); gs and gx fp32 or bf16 (E). The surrogate gets a loop of its
 // own: fused into the loop below, GCC does not vectorise it.
@@ -283,6 +340,69 @@ at::Tensor lif_backward_from_input(
                        [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
       }
     });
+  });
+  return grad_x;
+}
+
+at::Tensor lif_backward_from_bn_input(
+    const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t inner, double tau, double v_threshold,
+    double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha) {
+  const BackwardArgs b = backward_args("lif_backward_from_bn_input", grad_spikes, tau, v_threshold, v_reset,
+                                       hard_reset, decay_input, detach_reset, surrogate, alpha);
+  TORCH_CHECK(y.sizes() == grad_spikes.sizes() && y.is_contiguous() && y.scalar_type() == grad_spikes.scalar_type() &&
+                  (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
+              "lif_backward_from_bn_input: y must be the contiguous fp32/bf16 [T, M] BatchNorm input, in grad_spikes' dtype");
+  const int64_t C = mean.numel();
+  for (const at::Tensor* p : {&mean, &invstd, &weight, &bias})
+    TORCH_CHECK(p->dim() == 1 && p->numel() == C && p->is_contiguous() && p->scalar_type() == at::kFloat,
+                "lif_backward_from_bn_input: mean, invstd, weight and bias must be contiguous fp32 [C]");
+  const int64_t T = y.size(0), M = y.size(1);
+  TORCH_CHECK(C > 0 && inner > 0 && M % (inner * C) == 0,
+              "lif_backward_from_bn_input: the rows of y must hold whole [C, inner] blocks");
+  // alpha, beta per channel as ATen's batch_norm_cpu_collect_linear_and_constant_terms (contracted)
+  std::vector<float> scale(C), shift(C);
+  const float *mp = mean.const_data_ptr<float>(), *ip = invstd.const_data_ptr<float>(),
+              *wp = weight.const_data_ptr<float>(), *bp = bias.const_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = ip[c] * wp[c];
+    shift[c] = __builtin_fmaf(-mp[c], scale[c], bp[c]);
+  }
+  auto grad_x = at::empty_like(grad_spikes);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "lif_backward_from_bn_input", [&] {
+    if constexpr (kInLoop<scalar_t>) {
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
+      scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> d(T * kChunk);
+        float v[kChunk], a[kChunk], sh[kChunk];
+        for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, end - c0);
+          // the chunk's alpha and beta, the same at every step: element c0 + i is channel (c0 + i) / inner % C
+          if (inner == 1) {  // [rows, C]: runs of consecutive channels
+            for (int64_t i = 0, c = c0 % C; i < n; c = 0) {
+              const int64_t len = std::min(C - c, n - i);
+              std::copy(scale.data() + c, scale.data() + c + len, a + i);
+              std::copy(shift.data() + c, shift.data() + c + len, sh + i);
+              i += len;
+            }
+          } else {  // runs of one channel
+            for (int64_t i = 0, c = c0 / inner % C, pos = c0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
+              const int64_t len = std::min(inner - pos, n - i);
+              std::fill(a + i, a + i + len, scale[c]);
+              std::fill(sh + i, sh + i + len, shift[c]);
+              i += len;
+            }
+          }
+          std::fill(v, v + n, b.c.v_reset);
+          for (int64_t t = 0; t < T; ++t)  // lif_forward's steps on Z
+            step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d.data() + t * kChunk, n, b.c, hard_reset, decay_input);
+          backward_chunk(gsp, gxp, T, M, c0, n, b,
+                         [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
+        }
+      });
+    }
   });
   return grad_x;
 }

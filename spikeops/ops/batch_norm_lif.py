@@ -11,7 +11,9 @@ it for ``H`` alone, and then runs the LIF and BatchNorm backward kernels, so the
 those of the two layers called in turn. The LIF part is ``lif_backward_from_input``: on the C++
 backend one kernel (``H`` recomputed a chunk of neurons at a time, never written), on Triton its
 state kernel, then its backward kernel. The extra work is one BatchNorm forward and one LIF forward
-pass: no matmul or conv.
+pass: no matmul or conv. On the C++ backend in training mode not even the BatchNorm forward:
+``lif_backward_from_bn_input`` computes ``Z`` from ``Y`` and the forward's batch statistics inside
+the LIF kernel, with ATen's formula (two FMAs, checked bit for bit against ATen once per dtype).
 
 Running statistics are updated exactly as ``nn.BatchNorm*d`` updates them (momentum, or the
 cumulative average for ``momentum=None``).
@@ -33,8 +35,11 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class _BatchNormLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, training, momentum, eps, T, lif_args, backend):
-        z = _batch_norm(y, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+        z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, training, momentum,
+                                                     eps)
         spikes, _ = _lif_forward(z.view(T, -1), *lif_args, False, False, backend)
+        # C++, training: backward computes Z from y and these statistics inside its LIF kernel
+        ctx.bn_stats = (mean, invstd, reserve, impl) if training and _affine_in_kernel(y, mean, impl, backend) else None
         stats = (None, None) if training else (running_mean.clone(), running_var.clone())
         ctx.save_for_backward(y, weight, bias, *stats)
         ctx.training, ctx.eps, ctx.T, ctx.lif_args, ctx.backend = training, eps, T, lif_args, backend
@@ -44,16 +49,20 @@ class _BatchNormLIF(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_spikes):
         y, weight, bias, running_mean, running_var = ctx.saved_tensors
-        # the forward's BN output, bit for bit: same kernel, same input, same statistics source
-        # (momentum 0: the running statistics are not updated twice)
-        z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, ctx.training, 0.0,
-                                                     ctx.eps)
         args = ctx.lif_args
         grad_spikes = grad_spikes.contiguous().view(ctx.T, -1)
-        # H, recomputed from Z (C++: inside the backward kernel, a chunk of neurons at a time); Z is
-        # dropped as soon as it is used (a tensor the size of y, alive at this layer's peak otherwise)
-        grad_z = _lif_backward_from_input(grad_spikes, z.view(ctx.T, -1), *args, ctx.backend).view(y.shape)
-        del z
+        if ctx.bn_stats is not None:
+            mean, invstd, reserve, impl = ctx.bn_stats
+            grad_z = _lif_backward_from_bn_input(grad_spikes, y, mean, invstd, weight, bias, *args).view(y.shape)
+        else:
+            # the forward's BN output, bit for bit: same kernel, same input, same statistics source
+            # (momentum 0: the running statistics are not updated twice)
+            z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, ctx.training,
+                                                         0.0, ctx.eps)
+            # H, recomputed from Z (C++: inside the backward kernel, a chunk of neurons at a time); Z is
+            # dropped as soon as it is used (a tensor the size of y, alive at this layer's peak otherwise)
+            grad_z = _lif_backward_from_input(grad_spikes, z.view(ctx.T, -1), *args, ctx.backend).view(y.shape)
+            del z
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2]]
         if ctx.training:  # cuDNN's backward where cuDNN ran the forward, as autograd does for nn.BatchNorm
@@ -63,6 +72,53 @@ class _BatchNormLIF(torch.autograd.Function):
             grads = torch.ops.aten.native_batch_norm_backward(grad_z, y, weight, running_mean, running_var, mean,
                                                               invstd, False, ctx.eps, mask)
         return *grads, None, None, None, None, None, None, None, None
+
+
+def _lif_backward_from_bn_input(grad_spikes, y, mean, invstd, weight, bias, *lif_args):
+    """``_lif_backward_from_input(grad_spikes, BN(y))`` for a training-mode ATen BatchNorm with batch
+    statistics ``mean``, ``invstd``: the C++ kernel computes BN(y) itself, a chunk of neurons at a
+    time, instead of a BatchNorm forward run again (its statistics, a tensor the size of y written
+    and read). ``grad_spikes`` [T, M]; y [T*B, C, ...] or [T*B*N, C]."""
+    C = y.shape[1]
+    weight = torch.ones(C) if weight is None else weight.detach().float()
+    bias = torch.zeros(C) if bias is None else bias.detach().float()
+    inner = y[0, 0].numel()  # positions per (row, channel): element i of a row is channel (i // inner) % C
+    return _backend.kernel("lif", "lif_backward_from_bn_input", "cpp")(
+        grad_spikes, y.view(grad_spikes.shape), mean, invstd, weight, bias, inner, *lif_args)
+
+
+_AFFINE_MATCHES_ATEN: dict = {}
+
+
+def _affine_in_kernel(y, mean, impl, backend) -> bool:
+    """Whether backward may compute BN(y) inside the C++ LIF kernel: a C++ backend that has it, an
+    fp32/bf16 ``y`` with fp32 statistics from ATen's native BatchNorm (``impl`` 0), and this
+    torch's BatchNorm found to compute what the kernel computes, bit for bit (checked once per
+    dtype: ATen's formula, two FMAs, is how its CPU kernels are compiled, not a documented contract;
+    where it differs the backward runs the BatchNorm forward again, as on the other backends)."""
+    if backend != "cpp" or impl != 0 or mean.dtype != torch.float32 or y.dtype not in (torch.float32, torch.bfloat16) \
+            or not _backend.has_kernel("lif", "lif_backward_from_bn_input", "cpp"):
+        return False
+    if y.dtype not in _AFFINE_MATCHES_ATEN:
+        _AFFINE_MATCHES_ATEN[y.dtype] = _kernel_affine_matches_aten(y.dtype)
+    return _AFFINE_MATCHES_ATEN[y.dtype]
+
+
+def _kernel_affine_matches_aten(dtype: torch.dtype) -> bool:
+    """The kernel's gradients from y equal those from ATen's BN output, bit for bit, on both of
+    ATen's CPU layouts (channels at dim 1 of [N, C, L], and [N, C] rows), every SIMD remainder."""
+    g = torch.Generator().manual_seed(0)
+    lif_args = (2.0, 0.5, 0.0, True, True, False, SURROGATE_IDS["sigmoid"], 4.0)
+    for shape in ((6, 5, 37), (74, 19)):
+        y = (torch.randn(shape, generator=g) * 3 + 0.5).to(dtype)
+        weight, bias = torch.randn(shape[1], generator=g) + 1, torch.randn(shape[1], generator=g)
+        grad = torch.randn(shape, generator=g).to(dtype).view(2, -1)
+        with torch.no_grad():
+            z, mean, invstd, _, _ = _batch_norm(y, weight, bias, None, None, True, 0.0, 1e-5)
+        expected = _backend.kernel("lif", "lif_backward_from_input", "cpp")(grad, z.view(2, -1), *lif_args)
+        if not torch.equal(_lif_backward_from_bn_input(grad, y, mean, invstd, weight, bias, *lif_args), expected):
+            return False
+    return True
 
 
 def _batch_norm(y, weight, bias, running_mean, running_var, training, momentum, eps):
