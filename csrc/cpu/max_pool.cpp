@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "float_staging.h"
 
 namespace spikeops {
 namespace cpu {
@@ -93,6 +94,77 @@ void scatter_to_argmax(const scalar_t* g, scalar_t* gi, int64_t planes, const Wi
       }
     }
   });
+}
+
+// The argmaxes of one output row of a plane whose rows are words (rows[iy], W <= 64 bits), for
+// windows of NR rows from y0 and at most 16 columns (x0[ox], mask[ox]): each window's rows 16 bits
+// apart in one word, whose first set bit is the first spike in row-major order (no branch on the
+// data: spikes fall at random); no spike: the window's first position (0 > -inf).
+template <int NR>
+inline void row_argmax(const uint64_t* rows, int64_t y0, int64_t W, const int64_t* x0, const uint64_t* mask,
+                       int64_t n_out, int64_t* args) {
+  for (int64_t ox = 0; ox < n_out; ++ox) {
+    uint64_t all = 0;
+    for (int r = 0; r < NR; ++r) all |= ((rows[y0 + r] >> x0[ox]) & mask[ox]) << (16 * r);
+    const int64_t k = __builtin_ctzll(all | (1ull << 63));
+    args[ox] = all ? (y0 + (k >> 4)) * W + x0[ox] + (k & 15) : y0 * W + x0[ox];
+  }
+}
+
+// max_pool2d_backward_bits where every row fits a word and every window 4 rows of 16 columns (the
+// pooling of Spikformer's stems: 3 x 3, stride 2), for grads of fp32 or bf16 (E, float_staging.h):
+// scatter_to_argmax's work without its per-window calls, a row's argmaxes first, then its adds.
+template <typename E>
+void scatter_to_argmax_small(const uint64_t* bits, const E* g, E* gi, int64_t planes, const Window R,
+                             const Window Cw) {
+  const int64_t H = R.in, W = Cw.in;
+  std::vector<int64_t> x0(Cw.out);
+  std::vector<uint64_t> mask(Cw.out);
+  for (int64_t ox = 0; ox < Cw.out; ++ox) {
+    x0[ox] = Cw.begin(ox);
+    mask[ox] = (1ull << (Cw.end(ox) - x0[ox])) - 1;  // <= 16 columns
+  }
+  at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<uint64_t> rows(H);
+    std::vector<int64_t> args(Cw.out);
+    for (int64_t plane = p0; plane < p1; ++plane) {
+      for (int64_t iy = 0; iy < H; ++iy) {  // bits e .. e + W of the flat input: one word or two
+        const int64_t e = (plane * H + iy) * W, word = e >> 6, shift = e & 63;
+        uint64_t r = bits[word] >> shift;
+        if (shift + W > 64) r |= bits[word + 1] << (64 - shift);
+        rows[iy] = W == 64 ? r : r & ((1ull << W) - 1);
+      }
+      const E* go = g + plane * R.out * Cw.out;
+      E* dst = gi + plane * H * W;
+      std::memset(static_cast<void*>(dst), 0, H * W * sizeof(E));
+      for (int64_t oy = 0; oy < R.out; ++oy) {
+        const int64_t y0 = R.begin(oy);
+        switch (R.end(oy) - y0) {
+          case 1: row_argmax<1>(rows.data(), y0, W, x0.data(), mask.data(), Cw.out, args.data()); break;
+          case 2: row_argmax<2>(rows.data(), y0, W, x0.data(), mask.data(), Cw.out, args.data()); break;
+          case 3: row_argmax<3>(rows.data(), y0, W, x0.data(), mask.data(), Cw.out, args.data()); break;
+          default: row_argmax<4>(rows.data(), y0, W, x0.data(), mask.data(), Cw.out, args.data()); break;
+        }
+        const E* grow = go + oy * Cw.out;
+        for (int64_t ox = 0; ox < Cw.out; ++ox)  // in output order, rounded after each add, as ATen adds
+          store_float(dst, args[ox], load_float(dst, args[ox]) + load_float(grow, ox));
+      }
+    }
+  });
+}
+
+// scatter_to_argmax_small where it applies (fp32 / bf16, rows of <= 64 bits, windows of <= 4 x
+// 16): true; else false (nothing done).
+template <typename scalar_t>
+bool scatter_to_argmax_small_if(const uint64_t* bits, const scalar_t* g, scalar_t* gi, int64_t planes,
+                                const Window R, const Window Cw) {
+  if constexpr (kInLoop<scalar_t>) {
+    if (Cw.in <= 64 && R.k <= 4 && Cw.k <= 16) {
+      scatter_to_argmax_small(bits, in_loop(g), in_loop(gi), planes, R, Cw);
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace
@@ -183,6 +255,9 @@ at::Tensor max_pool2d_backward_bits(const at::Tensor& grad_out, const at::Tensor
   auto grad_in = at::empty({grad_out.size(0), grad_out.size(1), H, W}, grad_out.options());
   const uint64_t* bits = reinterpret_cast<const uint64_t*>(words.const_data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "max_pool2d_backward_bits", [&] {
+    if (scatter_to_argmax_small_if(bits, grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(),
+                                   planes, R, Cw))
+      return;
     scatter_to_argmax(grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), planes, R, Cw,
                       [bits, H, W](int64_t plane, std::vector<uint64_t>& rows) {
       // bits e .. e + len of the flat input, e.g. of a row: one word or two
