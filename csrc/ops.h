@@ -62,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> ssa_forward(
     double v_threshold, double tau, bool save_packed);
 
 // Fused SSA backward: grad [T, BH, N, d] contiguous (any float dtype), q, k, v words from ssa_forward
-// -> (dq, dk, dv) fp32 [T, BH, N, d] (the attention neuron: sigmoid surrogate alpha 4, detach_reset).
+// -> (dq, dk, dv) [T, BH, N, d] in grad's dtype, computed in fp32 and rounded once (the attention
+// neuron: sigmoid surrogate alpha 4, detach_reset).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssa_backward(
     const at::Tensor& grad, const at::Tensor& q_words, const at::Tensor& k_words, const at::Tensor& v_words,
     double scale, double v_threshold, double tau);

@@ -78,11 +78,12 @@ void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Co
 
 // Backward of one (batch, head) over all steps (see the top of the file): bits[3] the packed q,
 // k, v rows [N, Wd] of step 0 (step t: + t * step_words); grad and the outputs dq, dk, dv: the
-// [N, d] tiles of step 0 (step t: + t * step_stride).
-template <typename Count, int kVecs>
-void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const float* grad,
-                       int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, float* dq, float* dk,
-                       float* dv);
+// [N, d] tiles of step 0 (step t: + t * step_stride), in one dtype (computed in fp32, fp16/bf16/fp64
+// tiles staged through w's float tiles and rounded once).
+template <typename scalar_t, typename Count, int kVecs>
+void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const scalar_t* grad,
+                       int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, scalar_t* dq,
+                       scalar_t* dk, scalar_t* dv);
 
 }  // namespace
 
@@ -151,22 +152,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssa_backward(
                     words->scalar_type() == at::kLong,
                 "ssa_backward: the saved words must be contiguous int64 [T, BH, N, ceil(d / 64)]");
   }
-  auto opts = grad.options().dtype(at::kFloat);
-  at::Tensor dq = at::empty({T, BH, N, d}, opts), dk = at::empty({T, BH, N, d}, opts), dv = at::empty({T, BH, N, d}, opts);
-  const at::Tensor g = grad.to(at::kFloat);  // fp16/bf16 grads: one float copy
-  const float* gp = g.const_data_ptr<float>();
+  at::Tensor dq = at::empty_like(grad), dk = at::empty_like(grad), dv = at::empty_like(grad);
   const uint64_t* words[3] = {reinterpret_cast<const uint64_t*>(qw.const_data_ptr<int64_t>()),
                               reinterpret_cast<const uint64_t*>(kw.const_data_ptr<int64_t>()),
                               reinterpret_cast<const uint64_t*>(vw.const_data_ptr<int64_t>())};
   const LifConsts lif{static_cast<float>(tau), static_cast<float>(v_threshold), 0.0f};
-  with_layout(N, d, [&](auto count, auto vecs) {
-    using W = Work<decltype(count), decltype(vecs)::value>;
-    for_each_item(BH, [&] { return W(N, d, T); }, [&](W& w, int64_t bh, int64_t) {
-      const uint64_t* bits[3] = {words[0] + bh * N * Wd, words[1] + bh * N * Wd, words[2] + bh * N * Wd};
-      const int64_t off = bh * N * d;
-      ssa_backward_item(bits, T, BH * N * Wd, gp + off, BH * N * d, static_cast<float>(scale), lif, w,
-                        dq.mutable_data_ptr<float>() + off, dk.mutable_data_ptr<float>() + off,
-                        dv.mutable_data_ptr<float>() + off);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ssa_backward", [&] {
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t *dqp = dq.mutable_data_ptr<scalar_t>(), *dkp = dk.mutable_data_ptr<scalar_t>(),
+             *dvp = dv.mutable_data_ptr<scalar_t>();
+    with_layout(N, d, [&](auto count, auto vecs) {
+      using W = Work<decltype(count), decltype(vecs)::value>;
+      for_each_item(BH, [&] { return W(N, d, T); }, [&](W& w, int64_t bh, int64_t) {
+        const uint64_t* bits[3] = {words[0] + bh * N * Wd, words[1] + bh * N * Wd, words[2] + bh * N * Wd};
+        const int64_t off = bh * N * d;
+        ssa_backward_item(bits, T, BH * N * Wd, gp + off, BH * N * d, static_cast<float>(scale), lif, w, dqp + off,
+                          dkp + off, dvp + off);
+      });
     });
   });
   return {dq, dk, dv};
@@ -649,11 +651,11 @@ inline __attribute__((always_inline)) void sum_float_rows(const uint64_t* bits, 
   }
 }
 
-template <typename Count, int kVecs>
+template <typename scalar_t, typename Count, int kVecs>
 SPIKEOPS_SIMD_CLONES
-void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const float* grad,
-                       int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, float* dq, float* dk,
-                       float* dv) {
+void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const scalar_t* grad,
+                       int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, scalar_t* dq_out,
+                       scalar_t* dk_out, scalar_t* dv_out) {
   constexpr int64_t kCols = Work<Count, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N), ld = padded(d);
   std::fill(w.vmem.begin(), w.vmem.end(), 0.0f);
@@ -669,7 +671,11 @@ void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_word
   std::fill(w.gv.begin(), w.gv.end(), 0.0f);
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t ws = t * step_words, os = t * step_stride;
-    const float *gs = grad + os, *h = w.h.data() + t * N * d, *kv_t = w.kv_t.data() + t * d * ld;
+    const float *gs = as_float(grad + os, N * d, w.spikes), *h = w.h.data() + t * N * d,
+                *kv_t = w.kv_t.data() + t * d * ld;
+    // the step's [N, d] output tiles: in place for fp32, else float tiles rounded into place below
+    float *dq = float_out(dq_out + os, N * d, w.q), *dk = float_out(dk_out + os, N * d, w.k),
+          *dv = float_out(dv_out + os, N * d, w.v);
     for (int64_t n = 0; n < N; ++n) {  // G = scale * dL/dY (lif.cpp's backward step)
       for (int64_t j = 0; j < d; ++j) {
         const int64_t e = n * d + j;
@@ -688,7 +694,7 @@ void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_word
             acc[k] += gj * row;
           }
         }
-        store_block(acc, d - j0, dq + os + n * d + j0);
+        store_block(acc, d - j0, dq + n * d + j0);
       }
     }
     columns(bits[0] + ws, N, d, w.qcol.data());  // dA = Q^T G: row c sums the G rows at Q[:, c]'s spikes
@@ -696,9 +702,12 @@ void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_word
     for (int64_t ch = 0; ch < d; ++ch)
       for (int64_t j = 0; j < d; ++j) da_t[j * ld + ch] = da[ch * ld + j];
     for (int64_t m = 0; m < N; ++m) {
-      sum_float_rows(bits[2] + ws + m * Wd, Wd, da_t, ld, d, dk + os + m * d);  // dK = V dA^T
-      sum_float_rows(bits[1] + ws + m * Wd, Wd, da, ld, d, dv + os + m * d);    // dV = K dA
+      sum_float_rows(bits[2] + ws + m * Wd, Wd, da_t, ld, d, dk + m * d);  // dK = V dA^T
+      sum_float_rows(bits[1] + ws + m * Wd, Wd, da, ld, d, dv + m * d);    // dV = K dA
     }
+    store_floats(dq_out + os, dq, N * d);
+    store_floats(dk_out + os, dk, N * d);
+    store_floats(dv_out + os, dv, N * d);
   }
 }
 

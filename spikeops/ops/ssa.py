@@ -58,19 +58,19 @@ def _ssa_backward(
     grad: torch.Tensor, qw: torch.Tensor, kw: torch.Tensor, vw: torch.Tensor, scale: float, v_threshold: float,
     tau: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad [T, BH, N, d] contiguous, the words saved by forward -> dq, dk, dv fp32 [T, BH, N, d]."""
+    """grad [T, BH, N, d] contiguous, the words saved by forward -> dq, dk, dv [T, BH, N, d] in grad's
+    dtype (computed in fp32, rounded once)."""
     return _backend.kernel("ssa", "ssa_backward", backend)(grad, qw, kw, vw, scale, v_threshold, tau)
 
 
 @_ssa_backward.register_fake
 def _(grad, qw, kw, vw, scale, v_threshold, tau, backend):
-    return tuple(torch.empty(grad.shape, dtype=torch.float32, device=grad.device) for _ in range(3))
+    return tuple(torch.empty_like(grad) for _ in range(3))
 
 
 def _setup_context(ctx, inputs, output):
-    q, _, _, scale, v_threshold, tau, _, backend, *_ = inputs
+    _, _, _, scale, v_threshold, tau, _, backend, *_ = inputs
     ctx.save_for_backward(*output[1:])
-    ctx.shape, ctx.dtype = q.shape, q.dtype
     ctx.params = (scale, v_threshold, tau, backend)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
@@ -83,8 +83,8 @@ def _backward(ctx, grad, *_):
     if qw.numel() == 0:
         raise RuntimeError("spikeops.ssa: backward through a forward that ran without grad enabled for q, k, v")
     scale, v_threshold, tau, backend = ctx.params
-    grads = _ssa_backward(grad.contiguous(), qw, kw, vw, scale, v_threshold, tau, backend)
-    return (*(g.to(ctx.dtype) for g in grads), None, None, None, None, None, None)
+    grads = _ssa_backward(grad.contiguous(), qw, kw, vw, scale, v_threshold, tau, backend)  # in q's dtype
+    return (*grads, None, None, None, None, None, None)
 
 
 _ssa_forward.register_autograd(_backward, setup_context=_setup_context)

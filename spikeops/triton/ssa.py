@@ -59,12 +59,12 @@ def ssa_forward(q, k, v, scale, v_threshold, tau, save_packed):
 
 
 def ssa_backward(grad, qw, kw, vw, scale, v_threshold, tau):
-    """grad [T, BH, N, d] contiguous, the words ssa_forward saved -> dq, dk, dv fp32 [T, BH, N, d]:
-    the fused kernel for d <= FUSED_BACKWARD_MAX_D, else the unfused path."""
-    grad = grad.float().contiguous()
-    if grad.shape[-1] > FUSED_BACKWARD_MAX_D:
-        return ssa_backward_unfused(grad, qw, kw, vw, scale, v_threshold, tau)
-    return ssa_backward_fused(grad, qw, kw, vw, scale, v_threshold, tau)
+    """grad [T, BH, N, d] contiguous, the words ssa_forward saved -> dq, dk, dv [T, BH, N, d] in
+    grad's dtype (computed in fp32, rounded once): the fused kernel for d <= FUSED_BACKWARD_MAX_D,
+    else the unfused path."""
+    path = ssa_backward_unfused if grad.shape[-1] > FUSED_BACKWARD_MAX_D else ssa_backward_fused
+    grads = path(grad.float().contiguous(), qw, kw, vw, scale, v_threshold, tau)
+    return tuple(g.to(grad.dtype) for g in grads)
 
 
 def ssa_backward_fused(grad, qw, kw, vw, scale, v_threshold, tau):
