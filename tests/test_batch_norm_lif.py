@@ -122,7 +122,7 @@ def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, 
     SIMD remainders, channels at dim 1 of [N, C, L] and [N, C] rows, as ATen lays them out)."""
     pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
     from spikeops.ops import batch_norm_lif as module
-    assert module._kernel_affine_matches_aten(dtype), "this torch's BatchNorm computes Z otherwise: the kernel path is off"
+    assert module._kernel_affine_matches_aten(dtype), "this torch's BatchNorm computes Z otherwise (kernel path off)"
     calls = []
     kernel = module._lif_backward_from_bn_input
     monkeypatch.setattr(module, "_lif_backward_from_bn_input", lambda *a: calls.append(1) or kernel(*a))

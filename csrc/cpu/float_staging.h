@@ -49,22 +49,30 @@ static void floats_into_bf16(const float* src, int64_t n, uint16_t* dst) {
 // bf16 conversion is a few integer ops per vector inside the loop, no staging buffer and no
 // second pass over it. in_loop(p) is p as such a loop takes it (fp32 and bf16 only, kInLoop);
 // fp16 and fp64 go through the staging buffers below.
-static inline __attribute__((always_inline)) float load_float(const float* p, int64_t i) { return p[i]; }
-static inline __attribute__((always_inline)) float load_float(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-static inline __attribute__((always_inline)) void store_float(float* p, int64_t i, float v) { p[i] = v; }
-static inline __attribute__((always_inline)) void store_float(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+#define SPIKEOPS_INLINE static inline __attribute__((always_inline))
+SPIKEOPS_INLINE float load_float(const float* p, int64_t i) { return p[i]; }
+SPIKEOPS_INLINE float load_float(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+SPIKEOPS_INLINE void store_float(float* p, int64_t i, float v) { p[i] = v; }
+SPIKEOPS_INLINE void store_float(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 // a spike (1) or not (0): bf16's 1.0 is 0x3F80
-static inline __attribute__((always_inline)) void store_spike(float* p, int64_t i, bool s) { p[i] = s ? 1.0f : 0.0f; }
-static inline __attribute__((always_inline)) void store_spike(uint16_t* p, int64_t i, bool s) { p[i] = s ? 0x3F80u : 0u; }
+SPIKEOPS_INLINE void store_spike(float* p, int64_t i, bool s) { p[i] = s ? 1.0f : 0.0f; }
+SPIKEOPS_INLINE void store_spike(uint16_t* p, int64_t i, bool s) { p[i] = s ? 0x3F80u : 0u; }
+#undef SPIKEOPS_INLINE
 
 template <typename scalar_t>
 constexpr bool kInLoop = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 template <typename scalar_t>
 using in_loop_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, uint16_t, float>;
 template <typename scalar_t>
-const in_loop_t<scalar_t>* in_loop(const scalar_t* p) { return reinterpret_cast<const in_loop_t<scalar_t>*>(p); }
+const in_loop_t<scalar_t>* in_loop(const scalar_t* p) {
+  static_assert(kInLoop<scalar_t>, "in_loop: fp32 and bf16 only (stage the other dtypes)");
+  return reinterpret_cast<const in_loop_t<scalar_t>*>(p);
+}
 template <typename scalar_t>
-in_loop_t<scalar_t>* in_loop(scalar_t* p) { return reinterpret_cast<in_loop_t<scalar_t>*>(p); }
+in_loop_t<scalar_t>* in_loop(scalar_t* p) {
+  static_assert(kInLoop<scalar_t>, "in_loop: fp32 and bf16 only (stage the other dtypes)");
+  return reinterpret_cast<in_loop_t<scalar_t>*>(p);
+}
 
 // dst[0, n) = src[0, n) converted to float.
 template <typename scalar_t>

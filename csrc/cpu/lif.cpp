@@ -235,6 +235,69 @@ void backward_chunk(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, in
   }
 }
 
+// One forward step of n neurons (step_forward), or its d = H - v_threshold (step_distance): fp32 /
+// bf16 read and written inside the step's loop, other dtypes staged through xbuf / sbuf (kChunk).
+template <typename scalar_t>
+void forward_step(const scalar_t* x, float* v, scalar_t* s, float* h, int64_t n, LifConsts c, bool hard,
+                  bool decay_input, float* xbuf, float* sbuf) {
+  if constexpr (kInLoop<scalar_t>) {
+    step_forward(in_loop(x), v, in_loop(s), h, n, c, hard, decay_input);
+  } else {
+    step_forward(as_float(x, n, xbuf), v, sbuf, h, n, c, hard, decay_input);
+    store_floats(s, sbuf, n);
+  }
+}
+
+template <typename scalar_t>
+void distance_step(const scalar_t* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input,
+                   float* xbuf) {
+  if constexpr (kInLoop<scalar_t>) {
+    step_distance(in_loop(x), v, d, n, c, hard, decay_input);
+  } else {
+    step_distance(as_float(x, n, xbuf), v, d, n, c, hard, decay_input);
+  }
+}
+
+// lif_backward_from_bn_input's work for fp32 / bf16 y: per chunk of neurons, their BatchNorm alpha
+// and beta (element i of a row of M is channel i / inner % C), the forward steps on Z = BN(y), then
+// the backward steps.
+template <typename scalar_t>
+void bn_backward_chunks(const at::Tensor& grad_spikes, const at::Tensor& y, const std::vector<float>& scale,
+                        const std::vector<float>& shift, int64_t inner, const BackwardArgs& b, at::Tensor& grad_x) {
+  const int64_t T = y.size(0), M = y.size(1), C = static_cast<int64_t>(scale.size());
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
+  scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(T * kChunk);
+    float v[kChunk], a[kChunk], sh[kChunk];
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - c0);
+      if (inner == 1) {  // [rows, C]: runs of consecutive channels
+        for (int64_t i = 0, c = c0 % C; i < n; c = 0) {
+          const int64_t len = std::min(C - c, n - i);
+          std::copy(scale.data() + c, scale.data() + c + len, a + i);
+          std::copy(shift.data() + c, shift.data() + c + len, sh + i);
+          i += len;
+        }
+      } else {  // runs of one channel
+        for (int64_t i = 0, c = c0 / inner % C, pos = c0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
+          const int64_t len = std::min(inner - pos, n - i);
+          std::fill(a + i, a + i + len, scale[c]);
+          std::fill(sh + i, sh + i + len, shift[c]);
+          i += len;
+        }
+      }
+      std::fill(v, v + n, b.c.v_reset);
+      for (int64_t t = 0; t < T; ++t)  // lif_forward's steps on Z
+        step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d.data() + t * kChunk, n, b.c, b.hard_reset,
+                         b.decay_input);
+      backward_chunk(gsp, gxp, T, M, c0, n, b,
+                     [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lif_forward(
@@ -259,13 +322,7 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(
         std::fill(v, v + n, c.v_reset);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t off = t * N + c0;
-          float* h_out = hp ? hp + off : hbuf;
-          if constexpr (kInLoop<scalar_t>) {
-            step_forward(in_loop(xp + off), v, in_loop(sp + off), h_out, n, c, hard_reset, decay_input);
-          } else {
-            step_forward(as_float(xp + off, n, xbuf), v, sbuf, h_out, n, c, hard_reset, decay_input);
-            store_floats(sp + off, sbuf, n);
-          }
+          forward_step(xp + off, v, sp + off, hp ? hp + off : hbuf, n, c, hard_reset, decay_input, xbuf, sbuf);
           if (hbp) store_state_bf16(hbuf, hbp + off, n, c);
         }
       }
@@ -327,15 +384,8 @@ at::Tensor lif_backward_from_input(
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
         const int64_t n = std::min(kChunk, end - c0);
         std::fill(v, v + n, b.c.v_reset);
-        for (int64_t t = 0; t < T; ++t) {  // lif_forward's steps
-          const int64_t off = t * N + c0;
-          float* dt = d.data() + t * kChunk;
-          if constexpr (kInLoop<scalar_t>) {
-            step_distance(in_loop(xp + off), v, dt, n, b.c, hard_reset, decay_input);
-          } else {
-            step_distance(as_float(xp + off, n, xbuf), v, dt, n, b.c, hard_reset, decay_input);
-          }
-        }
+        for (int64_t t = 0; t < T; ++t)  // lif_forward's steps
+          distance_step(xp + t * N + c0, v, d.data() + t * kChunk, n, b.c, hard_reset, decay_input, xbuf);
         backward_chunk(gsp, gxp, T, N, c0, n, b,
                        [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
       }
@@ -352,13 +402,13 @@ at::Tensor lif_backward_from_bn_input(
                                        hard_reset, decay_input, detach_reset, surrogate, alpha);
   TORCH_CHECK(y.sizes() == grad_spikes.sizes() && y.is_contiguous() && y.scalar_type() == grad_spikes.scalar_type() &&
                   (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
-              "lif_backward_from_bn_input: y must be the contiguous fp32/bf16 [T, M] BatchNorm input, in grad_spikes' dtype");
+              "lif_backward_from_bn_input: y must be the contiguous fp32/bf16 [T, M] BatchNorm input, in "
+              "grad_spikes' dtype");
   const int64_t C = mean.numel();
   for (const at::Tensor* p : {&mean, &invstd, &weight, &bias})
     TORCH_CHECK(p->dim() == 1 && p->numel() == C && p->is_contiguous() && p->scalar_type() == at::kFloat,
                 "lif_backward_from_bn_input: mean, invstd, weight and bias must be contiguous fp32 [C]");
-  const int64_t T = y.size(0), M = y.size(1);
-  TORCH_CHECK(C > 0 && inner > 0 && M % (inner * C) == 0,
+  TORCH_CHECK(C > 0 && inner > 0 && y.size(1) % (inner * C) == 0,
               "lif_backward_from_bn_input: the rows of y must hold whole [C, inner] blocks");
   // alpha, beta per channel as ATen's batch_norm_cpu_collect_linear_and_constant_terms (contracted)
   std::vector<float> scale(C), shift(C);
@@ -369,41 +419,12 @@ at::Tensor lif_backward_from_bn_input(
     shift[c] = __builtin_fmaf(-mp[c], scale[c], bp[c]);
   }
   auto grad_x = at::empty_like(grad_spikes);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "lif_backward_from_bn_input", [&] {
-    if constexpr (kInLoop<scalar_t>) {
-      const scalar_t* yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
-      scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
-        std::vector<float> d(T * kChunk);
-        float v[kChunk], a[kChunk], sh[kChunk];
-        for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, end - c0);
-          // the chunk's alpha and beta, the same at every step: element c0 + i is channel (c0 + i) / inner % C
-          if (inner == 1) {  // [rows, C]: runs of consecutive channels
-            for (int64_t i = 0, c = c0 % C; i < n; c = 0) {
-              const int64_t len = std::min(C - c, n - i);
-              std::copy(scale.data() + c, scale.data() + c + len, a + i);
-              std::copy(shift.data() + c, shift.data() + c + len, sh + i);
-              i += len;
-            }
-          } else {  // runs of one channel
-            for (int64_t i = 0, c = c0 / inner % C, pos = c0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
-              const int64_t len = std::min(inner - pos, n - i);
-              std::fill(a + i, a + i + len, scale[c]);
-              std::fill(sh + i, sh + i + len, shift[c]);
-              i += len;
-            }
-          }
-          std::fill(v, v + n, b.c.v_reset);
-          for (int64_t t = 0; t < T; ++t)  // lif_forward's steps on Z
-            step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d.data() + t * kChunk, n, b.c, hard_reset, decay_input);
-          backward_chunk(gsp, gxp, T, M, c0, n, b,
-                         [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
-        }
-      });
-    }
-  });
+  auto run = [&](auto tag) { bn_backward_chunks<decltype(tag)>(grad_spikes, y, scale, shift, inner, b, grad_x); };
+  if (y.scalar_type() == at::kFloat) {
+    run(float{});
+  } else {
+    run(c10::BFloat16{});
+  }
   return grad_x;
 }
 
