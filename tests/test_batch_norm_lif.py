@@ -91,9 +91,15 @@ def test_time_steps_must_divide_the_rows():
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_input_is_fused_and_equals_the_two_modules(backend, dtype):
+# affine=False: fp32 running statistics with fp16/bf16 y and no weight make ATen compute fp32 batch
+# statistics, no running statistics half-precision ones (and another Z): backward must recompute
+# BatchNorm with the forward's kind of running statistics
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+def test_half_precision_input_is_fused_and_equals_the_two_modules(backend, dtype, affine):
     dev = device_for(backend)
     bn, lif = modules("bn2d", 6, backend)
+    if not affine:
+        bn = nn.BatchNorm2d(6, affine=False)
     bn = bn.to(dev)
     bn2 = copy.deepcopy(bn)
     base = inputs("bn2d", SHAPES["bn2d"]).to(dev, dtype)
@@ -115,11 +121,13 @@ def test_half_precision_input_is_fused_and_equals_the_two_modules(backend, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(8, 6, 5, 3), (4 * 10, 8), (4, 3, 37), (8, 48, 7, 7), (4, 40, 16)])
-def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, monkeypatch):
+@pytest.mark.parametrize("shape,affine", [((8, 6, 5, 3), True), ((4 * 10, 8), True), ((4, 3, 37), True),
+                                          ((8, 48, 7, 7), True), ((4, 40, 16), True), ((8, 6, 5, 3), False)])
+def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, affine, monkeypatch):
     """Training on the C++ backend, backward computes BN(y) inside the LIF kernel from the forward's
     statistics instead of running BatchNorm again: the same gradients, bit for bit (shapes with
-    SIMD remainders, channels at dim 1 of [N, C, L] and [N, C] rows, as ATen lays them out)."""
+    SIMD remainders, channels at dim 1 of [N, C, L] and [N, C] rows, as ATen lays them out; a
+    BatchNorm without weight and bias)."""
     pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
     from spikeops.ops import batch_norm_lif as module
     assert module._kernel_affine_matches_aten(dtype), "this torch's BatchNorm computes Z otherwise (kernel path off)"
@@ -130,12 +138,12 @@ def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, 
     for in_kernel in (True, False):
         monkeypatch.setitem(module._AFFINE_MATCHES_ATEN, dtype, in_kernel)
         bn, lif = modules("bn1d" if len(shape) == 2 else "bn2d", shape[1], "cpp")
-        if len(shape) == 3:
-            bn = nn.BatchNorm1d(shape[1])
+        if len(shape) == 3 or not affine:
+            bn = (nn.BatchNorm1d if len(shape) == 3 else nn.BatchNorm2d)(shape[1], affine=affine)
         y = inputs("bn2d", shape).to(dtype).requires_grad_()
         out = batch_norm_lif(y, bn, lif, T=4 if shape[0] % 4 == 0 else 1)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dtype))
-        grads[in_kernel] = [y.grad, bn.weight.grad, bn.bias.grad]
+        grads[in_kernel] = [y.grad] + ([bn.weight.grad, bn.bias.grad] if affine else [])
     assert len(calls) == 1  # the first pass took the kernel path, the second did not
     for a, b in zip(grads[True], grads[False]):
         assert torch.equal(a, b)

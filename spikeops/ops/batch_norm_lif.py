@@ -43,6 +43,11 @@ class _BatchNormLIF(torch.autograd.Function):
         stats = (None, None) if training else (running_mean.clone(), running_var.clone())
         ctx.save_for_backward(y, weight, bias, *stats)
         ctx.training, ctx.eps, ctx.T, ctx.lif_args, ctx.backend = training, eps, T, lif_args, backend
+        # batch statistics do not read the running ones, but whether they are given (and their dtype)
+        # picks ATen's kernel: e.g. fp32 running stats with bf16 y and no weight give fp32 statistics,
+        # none give bf16 ones and another Z
+        ctx.running_like = None if not training or running_mean is None else \
+            dict(size=running_mean.shape, dtype=running_mean.dtype, device=running_mean.device)
         return spikes.view(y.shape)
 
     @staticmethod
@@ -56,7 +61,9 @@ class _BatchNormLIF(torch.autograd.Function):
             grad_z = _lif_backward_from_bn_input(grad_spikes, y, mean, invstd, weight, bias, *args).view(y.shape)
         else:
             # the forward's BN output, bit for bit: same kernel, same input, same statistics source
-            # (momentum 0: the running statistics are not updated twice)
+            # (training: stand-in running statistics of the forward's dtype and device, momentum 0)
+            if ctx.running_like is not None:
+                running_mean, running_var = torch.zeros(**ctx.running_like), torch.ones(**ctx.running_like)
             z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, ctx.training,
                                                          0.0, ctx.eps)
             # H, recomputed from Z (C++: inside the backward kernel, a chunk of neurons at a time); Z is
