@@ -258,43 +258,53 @@ void distance_step(const scalar_t* x, float* v, float* d, int64_t n, LifConsts c
   }
 }
 
-// lif_backward_from_bn_input's work for fp32 / bf16 y: per chunk of neurons, their BatchNorm alpha
-// and beta (element i of a row of M is channel i / inner % C), the forward steps on Z = BN(y), then
-// the backward steps.
+// The backward of [T, N] whose H is recomputed from the forward's input, a chunk of neurons at a
+// time (H never written out): forward_steps(c0, n, v, d) runs lif_forward's steps t = 0..T-1 of
+// neurons c0 .. c0 + n from the potentials v (at v_reset), writing each step's H - v_threshold
+// (load_state's d) to d + t * kChunk; then backward_chunk reads them there.
+template <typename scalar_t, typename ForwardSteps>
+void backward_recomputing(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, const BackwardArgs& b,
+                          const ForwardSteps& forward_steps) {
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> d(T * kChunk);
+    float v[kChunk];
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - c0);
+      std::fill(v, v + n, b.c.v_reset);
+      forward_steps(c0, n, v, d.data());
+      backward_chunk(gsp, gxp, T, N, c0, n, b,
+                     [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
+    }
+  });
+}
+
+// lif_backward_from_bn_input's work for fp32 / bf16 y [T, M]: per chunk of neurons, their BatchNorm
+// alpha and beta (element i of a row is channel i / inner % C), then the forward steps on Z = BN(y).
 template <typename scalar_t>
 void bn_backward_chunks(const at::Tensor& grad_spikes, const at::Tensor& y, const std::vector<float>& scale,
                         const std::vector<float>& shift, int64_t inner, const BackwardArgs& b, at::Tensor& grad_x) {
   const int64_t T = y.size(0), M = y.size(1), C = static_cast<int64_t>(scale.size());
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
-  const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
-  scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<float> d(T * kChunk);
-    float v[kChunk], a[kChunk], sh[kChunk];
-    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, end - c0);
-      if (inner == 1) {  // [rows, C]: runs of consecutive channels
-        for (int64_t i = 0, c = c0 % C; i < n; c = 0) {
-          const int64_t len = std::min(C - c, n - i);
-          std::copy(scale.data() + c, scale.data() + c + len, a + i);
-          std::copy(shift.data() + c, shift.data() + c + len, sh + i);
-          i += len;
-        }
-      } else {  // runs of one channel
-        for (int64_t i = 0, c = c0 / inner % C, pos = c0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
-          const int64_t len = std::min(inner - pos, n - i);
-          std::fill(a + i, a + i + len, scale[c]);
-          std::fill(sh + i, sh + i + len, shift[c]);
-          i += len;
-        }
+  backward_recomputing(grad_spikes.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), T, M, b,
+                       [&](int64_t c0, int64_t n, float* v, float* d) {
+    float a[kChunk], sh[kChunk];
+    if (inner == 1) {  // [rows, C]: runs of consecutive channels
+      for (int64_t i = 0, c = c0 % C; i < n; c = 0) {
+        const int64_t len = std::min(C - c, n - i);
+        std::copy(scale.data() + c, scale.data() + c + len, a + i);
+        std::copy(shift.data() + c, shift.data() + c + len, sh + i);
+        i += len;
       }
-      std::fill(v, v + n, b.c.v_reset);
-      for (int64_t t = 0; t < T; ++t)  // lif_forward's steps on Z
-        step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d.data() + t * kChunk, n, b.c, b.hard_reset,
-                         b.decay_input);
-      backward_chunk(gsp, gxp, T, M, c0, n, b,
-                     [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
+    } else {  // runs of one channel
+      for (int64_t i = 0, c = c0 / inner % C, pos = c0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
+        const int64_t len = std::min(inner - pos, n - i);
+        std::fill(a + i, a + i + len, scale[c]);
+        std::fill(sh + i, sh + i + len, shift[c]);
+        i += len;
+      }
     }
+    for (int64_t t = 0; t < T; ++t)
+      step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d + t * kChunk, n, b.c, b.hard_reset, b.decay_input);
   });
 }
 
@@ -375,20 +385,11 @@ at::Tensor lif_backward_from_input(
   auto grad_x = at::empty_like(grad_spikes);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_spikes.scalar_type(), "lif_backward_from_input", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
-    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      // the chunk's H - v_threshold over all steps, as load_state makes it from lif_forward's H
-      std::vector<float> d(T * kChunk);
-      float v[kChunk], xbuf[kChunk];
-      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, end - c0);
-        std::fill(v, v + n, b.c.v_reset);
-        for (int64_t t = 0; t < T; ++t)  // lif_forward's steps
-          distance_step(xp + t * N + c0, v, d.data() + t * kChunk, n, b.c, hard_reset, decay_input, xbuf);
-        backward_chunk(gsp, gxp, T, N, c0, n, b,
-                       [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
-      }
+    backward_recomputing(grad_spikes.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), T, N, b,
+                         [&](int64_t c0, int64_t n, float* v, float* d) {
+      float xbuf[kChunk];
+      for (int64_t t = 0; t < T; ++t)
+        distance_step(xp + t * N + c0, v, d + t * kChunk, n, b.c, hard_reset, decay_input, xbuf);
     });
   });
   return grad_x;

@@ -96,18 +96,31 @@ void scatter_to_argmax(const scalar_t* g, scalar_t* gi, int64_t planes, const Wi
   });
 }
 
-// The argmaxes of one output row of a plane whose rows are words (rows[iy], W <= 64 bits), for
-// windows of NR rows from y0 and at most 16 columns (x0[ox], mask[ox]): each window's rows 16 bits
-// apart in one word, whose first set bit is the first spike in row-major order (no branch on the
-// data: spikes fall at random); no spike: the window's first position (0 > -inf).
+// Bits e .. e + len (len <= 64) of the flat bit array, e.g. of an input row: one word or two.
+inline uint64_t bit_run(const uint64_t* bits, int64_t e, int64_t len) {
+  const int64_t word = e >> 6, shift = e & 63;
+  uint64_t r = bits[word] >> shift;
+  if (shift + len > 64) r |= bits[word + 1] << (64 - shift);
+  return len == 64 ? r : r & ((1ull << len) - 1);
+}
+
+// The argmax of a window of <= 4 rows of <= 16 columns from (y0, x0), given its rows' bits 16
+// apart in one word: the first set bit is the first spike in row-major order (found without a
+// branch on the data: spikes fall at random); no spike: the window's first position (0 > -inf).
+inline int64_t first_spike(uint64_t all, int64_t y0, int64_t x0, int64_t W) {
+  const int64_t k = __builtin_ctzll(all | (1ull << 63));
+  return all ? (y0 + (k >> 4)) * W + x0 + (k & 15) : y0 * W + x0;
+}
+
+// The argmaxes (first_spike) of one output row of a plane whose rows are words (rows[iy], W <= 64
+// bits), for windows of NR rows from y0 and at most 16 columns (x0[ox], mask[ox]).
 template <int NR>
 inline void row_argmax(const uint64_t* rows, int64_t y0, int64_t W, const int64_t* x0, const uint64_t* mask,
                        int64_t n_out, int64_t* args) {
   for (int64_t ox = 0; ox < n_out; ++ox) {
     uint64_t all = 0;
     for (int r = 0; r < NR; ++r) all |= ((rows[y0 + r] >> x0[ox]) & mask[ox]) << (16 * r);
-    const int64_t k = __builtin_ctzll(all | (1ull << 63));
-    args[ox] = all ? (y0 + (k >> 4)) * W + x0[ox] + (k & 15) : y0 * W + x0[ox];
+    args[ox] = first_spike(all, y0, x0[ox], W);
   }
 }
 
@@ -128,12 +141,7 @@ void scatter_to_argmax_small(const uint64_t* bits, const E* g, E* gi, int64_t pl
     std::vector<uint64_t> rows(H);
     std::vector<int64_t> args(Cw.out);
     for (int64_t plane = p0; plane < p1; ++plane) {
-      for (int64_t iy = 0; iy < H; ++iy) {  // bits e .. e + W of the flat input: one word or two
-        const int64_t e = (plane * H + iy) * W, word = e >> 6, shift = e & 63;
-        uint64_t r = bits[word] >> shift;
-        if (shift + W > 64) r |= bits[word + 1] << (64 - shift);
-        rows[iy] = W == 64 ? r : r & ((1ull << W) - 1);
-      }
+      for (int64_t iy = 0; iy < H; ++iy) rows[iy] = bit_run(bits, (plane * H + iy) * W, W);
       const E* go = g + plane * R.out * Cw.out;
       E* dst = gi + plane * H * W;
       std::memset(static_cast<void*>(dst), 0, H * W * sizeof(E));
@@ -260,35 +268,27 @@ at::Tensor max_pool2d_backward_bits(const at::Tensor& grad_out, const at::Tensor
       return;
     scatter_to_argmax(grad_out.const_data_ptr<scalar_t>(), grad_in.mutable_data_ptr<scalar_t>(), planes, R, Cw,
                       [bits, H, W](int64_t plane, std::vector<uint64_t>& rows) {
-      // bits e .. e + len of the flat input, e.g. of a row: one word or two
-      auto run = [bits](int64_t e, int64_t len) {
-        const int64_t word = e >> 6, shift = e & 63;
-        uint64_t r = bits[word] >> shift;
-        if (shift + len > 64) r |= bits[word + 1] << (64 - shift);
-        return len == 64 ? r : r & ((1ull << len) - 1);
-      };
       // the plane's rows as words, each extracted once (not once per window holding it), when they fit
       rows.resize(W <= 64 ? H : 0);
-      for (int64_t iy = 0; iy < static_cast<int64_t>(rows.size()); ++iy) rows[iy] = run((plane * H + iy) * W, W);
-      return [run, rows = rows.data(), plane, H, W](int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+      for (int64_t iy = 0; iy < static_cast<int64_t>(rows.size()); ++iy)
+        rows[iy] = bit_run(bits, (plane * H + iy) * W, W);
+      return [bits, rows = rows.data(), plane, H, W](int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
         const int64_t len = x1 - x0;
         const uint64_t lane_mask = len == 64 ? ~0ull : (1ull << len) - 1;
         // the window's bits of input row iy
-        auto window = [&](int64_t iy) { return W <= 64 ? (rows[iy] >> x0) & lane_mask : run((plane * H + iy) * W + x0, len); };
-        const int64_t first = y0 * W + x0;  // no spike: the first position (0 > -inf)
-        if (len <= 16 && y1 - y0 <= 4) {
-          // the window's rows 16 bits apart in one word: its first set bit is the first spike in
-          // row-major order, found without a branch on the data (spikes fall at random)
+        auto window = [&](int64_t iy) {
+          return W <= 64 ? (rows[iy] >> x0) & lane_mask : bit_run(bits, (plane * H + iy) * W + x0, len);
+        };
+        if (len <= 16 && y1 - y0 <= 4) {  // the window's rows 16 bits apart in one word
           uint64_t all = 0;
           for (int64_t r = 0; r < y1 - y0; ++r) all |= window(y0 + r) << (16 * r);
-          const int64_t k = __builtin_ctzll(all | (1ull << 63));
-          return all ? (y0 + (k >> 4)) * W + x0 + (k & 15) : first;
+          return first_spike(all, y0, x0, W);
         }
         for (int64_t iy = y0; iy < y1; ++iy) {
           const uint64_t r = window(iy);
           if (r) return iy * W + x0 + static_cast<int64_t>(__builtin_ctzll(r));
         }
-        return first;
+        return y0 * W + x0;  // no spike: the first position (0 > -inf)
       };
     });
   });
