@@ -93,11 +93,12 @@ def test_padding_bits_are_zero(backend, n):
 # one bad value in each part of a 76-wide row that a CPU path packs its own way: AVX2 a whole block
 # of 32 (5), the 8 at a time after it (64-71) and the values one at a time (72-75); AVX-512 whole
 # vectors of 16 (5) and the 12 values of the last, masked one (66, 74); fp16 / bf16 with AVX-512
-# vectors of 32 (5) and the masked one of 12 (66, 74)
-@pytest.mark.parametrize("position", [5, 66, 74])
+# vectors of 32 (5) and the masked one of 12 (66, 74); and AVX-512's own loops for rows of 32 and
+# 64 values (Spikformer's head widths): each vector of them
+@pytest.mark.parametrize("n, position", [(76, 5), (76, 66), (76, 74), (32, 5), (32, 31), (64, 20), (64, 40)])
 @pytest.mark.parametrize("dtype", HALF_AND_SINGLE)
-def test_non_binary_input_raises_unless_check_is_off(backend, value, position, dtype, request):
-    x = spikes((3, 76), dtype=dtype, device=device_for(backend))
+def test_non_binary_input_raises_unless_check_is_off(backend, value, n, position, dtype, request):
+    x = spikes((3, n), dtype=dtype, device=device_for(backend))
     x[1, position] = value
     if backend == "triton" and dtype == torch.bfloat16 and value == 1e-40 and x.device.type == "cpu":
         request.applymarker(pytest.mark.xfail(strict=True, reason=(

@@ -123,27 +123,58 @@ __attribute__((target("avx2"))) inline bool pack_rows_avx2(const float* x, int64
 
 // pack_rows with AVX-512: a compare of 16 values gives their 16 bits as a mask; the last values of
 // a row go through a masked load (the lanes past the row read as 0), so there is no scalar tail.
+// The 0/1 check is arithmetic and stays in a vector register: x * x - x with one rounding (an
+// fma) is +0 for x = 0, -0 and 1, and nonzero or NaN for every other x (its exact value x (x - 1)
+// is then nonzero, and at least the smallest subnormal in size), so the OR of its bits over the
+// call is 0 exactly when every value was 0 or 1. Rows of 32 and 64 values (Spikformer's head
+// widths) take a loop without the per-word bookkeeping.
+__attribute__((target("avx512f,avx512bw"))) inline __m512i not_binary_bits(__m512i acc, __m512 v) {
+  return _mm512_or_si512(acc, _mm512_castps_si512(_mm512_fmsub_ps(v, v, v)));
+}
+
+template <int kVecs>  // rows of 16 kVecs values, kVecs <= 4: one word a row
+__attribute__((target("avx512f,avx512bw"))) inline __m512i pack_short_rows_avx512(const float* x, int64_t rows,
+                                                                                   uint64_t* words) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512i not_binary = _mm512_setzero_si512();
+  for (int64_t r = 0; r < rows; ++r) {
+    uint64_t bits = 0;
+    for (int i = 0; i < kVecs; ++i) {
+      const __m512 v = _mm512_loadu_ps(x + (r * kVecs + i) * 16);
+      bits |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ)) << (16 * i);
+      not_binary = not_binary_bits(not_binary, v);
+    }
+    words[r] = bits;
+  }
+  return not_binary;
+}
+
 __attribute__((target("avx512f,avx512bw"))) inline bool pack_rows_avx512(const float* x, int64_t rows, int64_t n,
                                                                           uint64_t* words) {
-  const int64_t W = (n + 63) / 64;
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  uint32_t not_binary = 0;  // lanes where (x != 0) differs from (x == 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t w = 0; w < W; ++w) {
-      const int64_t m = std::min<int64_t>(64, n - 64 * w);
-      const float* src = x + r * n + 64 * w;
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < m; j += 16) {
-        const __mmask16 lanes = m - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (m - j)) - 1);
-        const __m512 v = _mm512_maskz_loadu_ps(lanes, src + j);
-        const __mmask16 nz = _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ);
-        not_binary |= nz ^ _mm512_cmp_ps_mask(v, one, _CMP_EQ_OQ);
-        bits |= static_cast<uint64_t>(nz) << j;
+  __m512i not_binary = _mm512_setzero_si512();
+  if (n == 32) {
+    not_binary = pack_short_rows_avx512<2>(x, rows, words);
+  } else if (n == 64) {
+    not_binary = pack_short_rows_avx512<4>(x, rows, words);
+  } else {
+    const int64_t W = (n + 63) / 64;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t m = std::min<int64_t>(64, n - 64 * w);
+        const float* src = x + r * n + 64 * w;
+        uint64_t bits = 0;
+        for (int64_t j = 0; j < m; j += 16) {
+          const __mmask16 lanes = m - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (m - j)) - 1);
+          const __m512 v = _mm512_maskz_loadu_ps(lanes, src + j);
+          bits |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ)) << j;
+          not_binary = not_binary_bits(not_binary, v);
+        }
+        words[r * W + w] = bits;
       }
-      words[r * W + w] = bits;
     }
   }
-  return not_binary != 0;
+  return _mm512_test_epi32_mask(not_binary, not_binary) != 0;
 }
 
 inline bool pack_rows(const float* x, int64_t rows, int64_t n, uint64_t* words) {
