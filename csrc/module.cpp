@@ -34,4 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d_backward_bits", &spikeops::cpu::max_pool2d_backward_bits, "its backward for 0/1 input given as bits");
   m.def("avx2_enabled", &spikeops::cpu::avx2_enabled, "whether the kernels take their AVX2 paths (cpu_features.h)");
   m.def("avx512_enabled", &spikeops::cpu::avx512_enabled, "whether the kernels take their AVX-512 paths (cpu_features.h)");
+  m.def("avx512_bitops_enabled", &spikeops::cpu::avx512_bitops_enabled,
+        "whether the kernels take their AVX-512 VPOPCNTDQ / VBMI / GFNI paths (cpu_features.h)");
 }

@@ -2,10 +2,11 @@
 
 Where the CPU has AVX-512 (F, BW) or AVX2 the kernels take it (csrc/cpu/cpu_features.h), so the
 narrower paths would go untested here: the AVX2 packing, sums and neuron on an AVX-512 machine, the
-SSE2 packing and the GCC-vector sums of the attention kernels on an AVX2 one. With
-SPIKEOPS_NO_AVX512=1 the extension takes the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline
-ones; this file runs the C++ tests of packing, the Spike* layers, SSA, token attention and
-batch_norm_lif again in such processes.
+SSE2 packing and the GCC-vector sums of the attention kernels on an AVX2 one, and SSA's AVX-512
+paths without VPOPCNTDQ / VBMI / GFNI (table popcounts, scalar bit transposes) on a machine with
+them. With SPIKEOPS_NO_AVX512_BITOPS=1 the extension takes the latter, with SPIKEOPS_NO_AVX512=1
+the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline ones; this file runs the C++ tests of
+packing, the Spike* layers, SSA, token attention and batch_norm_lif again in such processes.
 """
 import os
 import subprocess
@@ -19,7 +20,8 @@ C = pytest.importorskip("spikeops._C", reason="the C++ extension is not built (m
 ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = ["tests/test_pack.py", "tests/test_spike_layers.py", "tests/test_ssa.py", "tests/test_token_attention.py",
               "tests/test_batch_norm_lif.py"]
-SWITCHES = {"SPIKEOPS_NO_AVX2": "avx2_enabled", "SPIKEOPS_NO_AVX512": "avx512_enabled"}
+SWITCHES = {"SPIKEOPS_NO_AVX2": "avx2_enabled", "SPIKEOPS_NO_AVX512": "avx512_enabled",
+            "SPIKEOPS_NO_AVX512_BITOPS": "avx512_bitops_enabled"}
 
 
 def run_python(args, switch: str = "", on: bool = True) -> subprocess.CompletedProcess:
@@ -29,17 +31,18 @@ def run_python(args, switch: str = "", on: bool = True) -> subprocess.CompletedP
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def enabled(switch: str = "") -> tuple[bool, bool]:
-    """(avx2_enabled, avx512_enabled) in a process with `switch` set."""
-    probe = ["-c", "import spikeops._C as C; print(C.avx2_enabled(), C.avx512_enabled())"]
-    out = run_python(probe, switch).stdout.split()
-    return out[0] == "True", out[1] == "True"
+def enabled(switch: str = "") -> tuple[bool, ...]:
+    """(avx2_enabled, avx512_enabled, avx512_bitops_enabled) in a process with `switch` set."""
+    probe = ["-c", "import spikeops._C as C; print(C.avx2_enabled(), C.avx512_enabled(), C.avx512_bitops_enabled())"]
+    return tuple(word == "True" for word in run_python(probe, switch).stdout.split())
 
 
 def test_the_switches_reach_the_extension():
-    assert enabled() == (C.avx2_enabled(), C.avx512_enabled())
-    assert enabled("SPIKEOPS_NO_AVX2") == (False, False)  # no AVX-512 paths without the AVX2 ones
-    assert enabled("SPIKEOPS_NO_AVX512") == (C.avx2_enabled(), False)
+    here = (C.avx2_enabled(), C.avx512_enabled(), C.avx512_bitops_enabled())
+    assert enabled() == here
+    assert enabled("SPIKEOPS_NO_AVX2") == (False, False, False)  # no AVX-512 paths without the AVX2 ones
+    assert enabled("SPIKEOPS_NO_AVX512") == (here[0], False, False)
+    assert enabled("SPIKEOPS_NO_AVX512_BITOPS") == (*here[:2], False)
 
 
 # the switches of the paths this CPU takes (where a path is off, the other tests run the narrower one)

@@ -1,6 +1,8 @@
 // Which hand-written SIMD paths the CPU kernels take (bits.h, ssa.cpp), decided once per process:
 //   AVX2 where the CPU has AVX2 and BMI1, unless the environment variable SPIKEOPS_NO_AVX2 is set;
-//   AVX-512 where it also has AVX-512 F and BW, unless SPIKEOPS_NO_AVX2 or SPIKEOPS_NO_AVX512 is set
+//   AVX-512 where it also has AVX-512 F and BW, unless SPIKEOPS_NO_AVX2 or SPIKEOPS_NO_AVX512 is set;
+//   AVX-512's bit instructions (VPOPCNTDQ, VBMI and GFNI: Ice Lake, Sapphire Rapids, Zen 4 and later)
+//   where it also has them, unless one of those or SPIKEOPS_NO_AVX512_BITOPS is set
 // ("set": to anything but "" or "0" when the extension first asks). The tests set them to run the
 // narrower paths on a wider machine (tests/test_simd_paths.py). (Functions compiled with
 // target_clones pick their clone by the CPU alone.)
@@ -28,9 +30,17 @@ inline bool avx512_enabled() {
                               __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return enabled;
 }
+
+inline bool avx512_bitops_enabled() {
+  static const bool enabled = avx512_enabled() && !env_flag("SPIKEOPS_NO_AVX512_BITOPS") &&
+                              __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512vbmi") &&
+                              __builtin_cpu_supports("gfni");
+  return enabled;
+}
 #else  // no hand-written SIMD paths off x86 / GCC
 inline bool avx2_enabled() { return false; }
 inline bool avx512_enabled() { return false; }
+inline bool avx512_bitops_enabled() { return false; }
 #endif
 
 }  // namespace cpu

@@ -9,7 +9,8 @@
 //      rows are the 1-bit copy kept for backward, written in place when saved;
 //   2. forms K^T V [d, d]: K's columns packed along N (64 x 64 bit transposes of the rows, 64 x 32
 //      for d <= 32), then row c of K^T V = the sum of the V rows (as 0/1 lanes) over the spikes of
-//      K's column c;
+//      K's column c; with AVX-512 VPOPCNTDQ, VBMI and GFNI, V's columns packed too (the transposes
+//      with GFNI) and K^T V [c, c'] = popcount(K's column c AND V's column c');
 //   3. forms Y[n] = the sum of the K^T V rows over the spikes of Q[n], and steps the neuron.
 // The sums are exact integer lanes, int16 when every count fits (N d <= 32767: K^T V <= N,
 // Y <= d N), else int32, accumulated in registers over blocks of up to 4 vectors of columns (int16
@@ -202,7 +203,8 @@ struct Work {
   // steps: > 0 for backward (H and (K^T V)^T of every step, G, dA, dA^T, dL/dV)
   Work(int64_t N, int64_t d, int64_t steps = 0)
       : N(N), d(d), blocks((d + kCols - 1) / kCols), vl_rows(table_rows(N)), kv_rows(table_rows(d)),
-        vmem(N * d), kcol(d * words_for(N)), vlanes(blocks * vl_rows * kCols), kv(blocks * kv_rows * kCols),
+        vmem(N * d), kcol(d * words_for(N)), vcol(blocks * kCols * words_for(N)), vlanes(blocks * vl_rows * kCols),
+        kv(blocks * kv_rows * kCols),
         h(steps * N * d), kv_t(steps * d * padded(d)),
         g(steps ? N * padded(d) : 0), da(steps ? d * padded(d) : 0), da_t(steps ? d * padded(d) : 0),
         gv(steps ? N * d : 0), qcol(steps ? d * words_for(N) : 0) {
@@ -213,6 +215,7 @@ struct Work {
   std::vector<float> vmem;            // attention neuron potential [N, d]
   std::vector<uint64_t> packed[3];    // q, k, v rows packed along d [N, Wd] (when not saved)
   std::vector<uint64_t> kcol;         // K's columns packed along N [d, WN]
+  std::vector<uint64_t> vcol;         // V's, in key_value_counts_popcount's order [blocks * kCols, WN]
   std::vector<Count> vlanes;          // V rows as 0/1 lanes [blocks, vl_rows, kCols]
   std::vector<Count> kv;              // K^T V [blocks, kv_rows, kCols]
   std::vector<float> q, k, v, spikes; // float copies of fp16/bf16/fp64 tiles [N, d]
@@ -404,10 +407,66 @@ __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64
 }
 #endif
 
-// cols [d, ceil(N / 64)]: the columns of the 0/1 matrix whose rows [N, ceil(d / 64)] are packed
-// in rows, packed along N (64 x 64 bit transposes; 64 x 32 for d <= 32).
-inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) {
+#if SPIKEOPS_SSA_AVX2
+#define SPIKEOPS_AVX512_BITOPS __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vpopcntdq,gfni,bmi")))
+
+// out[c] bit r = in[r] bit c for the 64 x 64 bit matrix in[0, 64), with AVX-512 VBMI and GFNI:
+// 8 x 8 blocks of bits are 8 x 8 blocks of bytes. (1) Within each vector of 8 rows, a byte
+// permute gathers byte j of the rows into word j (rows in reverse byte order); (2) GFNI's affine
+// transform with the matrix of the rows transposes each word's 8 x 8 bits (result byte k, bit i =
+// bit k of matrix byte 7 - i); (3) an 8 x 8 transpose of the words across the 8 vectors and (4) the
+// byte permute of (1) again put byte g of column c's word in place.
+SPIKEOPS_AVX512_BITOPS inline void transpose64_avx512(const uint64_t* in, uint64_t* out) {
+  alignas(64) static constexpr uint8_t kGather[64] = {  // out byte 8 j + 7 - k = in byte 8 k + j
+      56, 48, 40, 32, 24, 16, 8, 0, 57, 49, 41, 33, 25, 17, 9, 1, 58, 50, 42, 34, 26, 18, 10, 2,
+      59, 51, 43, 35, 27, 19, 11, 3, 60, 52, 44, 36, 28, 20, 12, 4, 61, 53, 45, 37, 29, 21, 13, 5,
+      62, 54, 46, 38, 30, 22, 14, 6, 63, 55, 47, 39, 31, 23, 15, 7};
+  alignas(64) static constexpr uint8_t kTranspose[64] = {  // out byte 8 k + g = in byte 8 g + k
+      0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57, 2, 10, 18, 26, 34, 42, 50, 58,
+      3, 11, 19, 27, 35, 43, 51, 59, 4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61,
+      6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39, 47, 55, 63};
+  const __m512i gather = _mm512_load_si512(kGather), transpose = _mm512_load_si512(kTranspose);
+  const __m512i unit = _mm512_set1_epi64(0x8040201008040201ll);  // byte k = 1 << k
+  __m512i r[8], t[8];
+  for (int g = 0; g < 8; ++g)  // (1), (2): r[g] word j byte k = column 8 j + k, bit i = row 8 g + i
+    r[g] = _mm512_gf2p8affine_epi64_epi8(unit, _mm512_permutexvar_epi8(gather, _mm512_loadu_si512(in + 8 * g)), 0);
+  for (int g = 0; g < 8; g += 2) {  // (3): t[j] word g = r[g] word j
+    t[g] = _mm512_unpacklo_epi64(r[g], r[g + 1]);
+    t[g + 1] = _mm512_unpackhi_epi64(r[g], r[g + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    for (int p = 0; p < 2; ++p) {
+      r[h + p] = _mm512_shuffle_i64x2(t[h + p], t[h + p + 2], 0x88);
+      r[h + p + 2] = _mm512_shuffle_i64x2(t[h + p], t[h + p + 2], 0xDD);
+    }
+  }
+  for (int p = 0; p < 4; ++p) {
+    t[p] = _mm512_shuffle_i64x2(r[p], r[p + 4], 0x88);
+    t[p + 4] = _mm512_shuffle_i64x2(r[p], r[p + 4], 0xDD);
+  }
+  for (int j = 0; j < 8; ++j) _mm512_storeu_si512(out + 8 * j, _mm512_permutexvar_epi8(transpose, t[j]));
+}
+#endif
+
+// The columns of the 0/1 matrix whose rows [N, ceil(d / 64)] are packed in rows, packed along N
+// (64 x 64 bit transposes, transpose64_avx512 where avx512_bitops_enabled(); else 64 x 32 ones for
+// d <= 32): word rb of column i goes to cols[slot(i, rb)].
+template <typename Slot>
+inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols, Slot slot) {
   const int64_t Wd = words_for(d), WN = words_for(N);
+#if SPIKEOPS_SSA_AVX2
+  if (avx512_bitops_enabled()) {
+    alignas(64) uint64_t a[64], t[64];
+    for (int64_t rb = 0; rb < WN; ++rb) {
+      for (int64_t cw = 0; cw < Wd; ++cw) {
+        for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? rows[(rb * 64 + i) * Wd + cw] : 0;
+        transpose64_avx512(a, t);
+        for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) cols[slot(cw * 64 + i, rb)] = t[i];
+      }
+    }
+    return;
+  }
+#endif
   if (d <= 32) {  // 64 x 32 blocks (a row's bits from d on are zero): half the swaps
     for (int64_t rb = 0; rb < WN; ++rb) {
       uint64_t a[32];
@@ -416,7 +475,7 @@ inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) 
         a[i] = (r < N ? rows[r] : 0) | (r + 32 < N ? rows[r + 32] << 32 : 0);
       }
       transpose_rounds<16>(a);
-      for (int64_t i = 0; i < d; ++i) cols[i * WN + rb] = a[i];
+      for (int64_t i = 0; i < d; ++i) cols[slot(i, rb)] = a[i];
     }
     return;
   }
@@ -425,9 +484,15 @@ inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) 
       uint64_t a[64];
       for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? rows[(rb * 64 + i) * Wd + cw] : 0;
       transpose_rounds<32>(a);
-      for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) cols[(cw * 64 + i) * WN + rb] = a[i];
+      for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) cols[slot(cw * 64 + i, rb)] = a[i];
     }
   }
+}
+
+// cols [d, ceil(N / 64)]: column i's words in a row.
+inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols) {
+  const int64_t WN = words_for(N);
+  columns(rows, N, d, cols, [WN](int64_t i, int64_t rb) { return i * WN + rb; });
 }
 
 #if SPIKEOPS_SSA_AVX2
@@ -480,6 +545,38 @@ SPIKEOPS_AVX512 void key_value_counts_avx512(const uint64_t* kb, const uint64_t*
       __m512i acc[kZ];
       sum_lanes_avx512<kZ>(w.kcol.data() + ch * WN, WN, unrolled, w.vlanes.data() + b * w.vl_rows * kCols, acc);
       for (int i = 0; i < kZ; ++i) _mm512_storeu_si512(w.kv.data() + (b * w.kv_rows + ch) * kCols + 32 * i, acc[i]);
+    }
+  }
+}
+
+// key_value_counts with VPOPCNTQ, where avx512_bitops_enabled(): K^T V [c, c'] = the popcount of
+// (K's column c AND V's column c'), summed over the words along N, for all c' of a group of 32 at
+// once. V's columns are stored so that the group's four vectors of 8 word counts, shifted by 0,
+// 16, 32, 48 and OR-ed, are its 32 int16 lanes in column order: column 32 g + 4 l + i at
+// w.vcol[((g WN + word) 4 + i) 8 + l] (counts <= N < 2^16). Columns from d on read as zero
+// (w.vcol's slots for them stay 0).
+template <int kVecs>
+SPIKEOPS_AVX512_BITOPS void key_value_counts_popcount(const uint64_t* kb, const uint64_t* vb, Work<int16_t, kVecs>& w) {
+  constexpr int kZ = kVecs / 2;
+  constexpr int64_t kCols = Work<int16_t, kVecs>::kCols;
+  const int64_t N = w.N, d = w.d, WN = words_for(N), groups = w.blocks * kZ;
+  columns(kb, N, d, w.kcol.data());
+  columns(vb, N, d, w.vcol.data(), [WN](int64_t i, int64_t rb) {
+    return ((i / 32 * WN + rb) * 4 + i % 4) * 8 + i % 32 / 4;
+  });
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint64_t* vg = w.vcol.data() + g * WN * 32;
+    int16_t* kv = w.kv.data() + (g / kZ * w.kv_rows) * kCols + g % kZ * 32;
+    for (int64_t ch = 0; ch < d; ++ch) {
+      __m512i counts[4] = {};
+      for (int64_t word = 0; word < WN; ++word) {
+        const __m512i k = _mm512_set1_epi64(static_cast<int64_t>(w.kcol[ch * WN + word]));
+        for (int i = 0; i < 4; ++i)
+          counts[i] = _mm512_add_epi64(counts[i], _mm512_popcnt_epi64(_mm512_and_si512(k, _mm512_loadu_si512(vg + (word * 4 + i) * 8))));
+      }
+      const __m512i row = _mm512_or_si512(_mm512_or_si512(counts[0], _mm512_slli_epi64(counts[1], 16)),
+                                          _mm512_or_si512(_mm512_slli_epi64(counts[2], 32), _mm512_slli_epi64(counts[3], 48)));
+      _mm512_storeu_si512(kv + ch * kCols, row);
     }
   }
 }
@@ -539,7 +636,9 @@ void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>
   const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N);
 #if SPIKEOPS_SSA_AVX2
   if constexpr (std::is_same_v<Count, int16_t> && kVecs % 2 == 0) {
-    if (avx512_enabled()) return key_value_counts_avx512(kb, vb, w);
+    if (avx512_enabled()) {
+      return avx512_bitops_enabled() ? key_value_counts_popcount(kb, vb, w) : key_value_counts_avx512(kb, vb, w);
+    }
   }
 #endif
   Vec lane_bit;  // V's bits -> 0/1 lanes: each lane tests its bit of a broadcast chunk
