@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused multi-step LIF backward, the state recomputed from the forward's input");
   m.def("lif_backward_from_bn_input", &spikeops::cpu::lif_backward_from_bn_input,
         "fused multi-step LIF backward, its input recomputed from a training-mode BatchNorm's input");
+  m.def("lif_backward_through_bn", &spikeops::cpu::lif_backward_through_bn,
+        "LIF backward from the BatchNorm input, then BatchNorm's backward (training)");
   m.def("pack_spikes", &spikeops::cpu::pack_spikes, "pack 0/1 values into int64 words");
   m.def("spike_matmul_packed", &spikeops::cpu::spike_matmul_packed, "AND+popcount matmul of packed spikes");
   m.def("ssa_forward", &spikeops::cpu::ssa_forward, "fused spiking self-attention forward");

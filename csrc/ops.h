@@ -41,6 +41,16 @@ at::Tensor lif_backward_from_bn_input(
     const at::Tensor& weight, const at::Tensor& bias, int64_t inner, double tau, double v_threshold,
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha);
 
+// The backward of LIF(BatchNorm(y)) in training mode through both layers: lif_backward_from_bn_input's
+// dL/dZ, with BatchNorm's channel sums taken from it chunk by chunk, then BatchNorm's backward
+// (csrc/cpu/batch_norm.h: ATen's formula, other sums) -> (dL/dy [T, M] in y's dtype, dL/dweight,
+// dL/dbias [C] fp32, undefined unless grad_affine).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_through_bn(
+    const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t inner, bool grad_affine, double tau,
+    double v_threshold, double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate,
+    double alpha);
+
 // x: [R, n] contiguous 0./1. floats -> (int64 words [R, ceil(n/64)], all values were 0 or 1).
 // Bit j of word w holds x[r, 64w + j]; padding bits are 0. The check is skipped when !check.
 std::tuple<at::Tensor, bool> pack_spikes(const at::Tensor& x, bool check);

@@ -111,42 +111,95 @@ def test_half_precision_input_is_fused_and_equals_the_two_modules(backend, dtype
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dev, dtype)
     out.backward(g)
     ref.backward(g)
-    # the same kernels on the same numbers (H recomputed bit for bit from y)
-    torch.testing.assert_close(y.grad, y2.grad, rtol=0, atol=0)
+    # H recomputed bit for bit from y; the BatchNorm backward is ATen's, except in the C++ backend's
+    # one call through both layers (bf16 with affine here: lif_backward_through_bn, ATen's formula
+    # with other sums): equal up to rounding there
+    through_bn = backend == "cpp" and dtype == torch.bfloat16 and affine
+    if through_bn:
+        torch.testing.assert_close(y.grad, y2.grad, rtol=1e-2, atol=1e-2 * y2.grad.abs().max().item())
+    else:
+        torch.testing.assert_close(y.grad, y2.grad, rtol=0, atol=0)
     for p, p2 in zip(bn.parameters(), bn2.parameters()):
         assert p.grad.dtype == torch.float32
-        torch.testing.assert_close(p.grad, p2.grad, rtol=1e-6, atol=0)
+        torch.testing.assert_close(p.grad, p2.grad, rtol=1e-5 if through_bn else 1e-6, atol=0)
     fused = saved_bytes(lambda t: batch_norm_lif(t, bn, lif, 4), base.clone().requires_grad_())
     assert fused <= base.numel() * 2 + 4096  # the half-precision y only
 
 
+SHAPES_AS_ATEN_LAYS_THEM = [((8, 6, 5, 3), True), ((4 * 10, 8), True), ((4, 3, 37), True), ((8, 48, 7, 7), True),
+                            ((4, 40, 16), True), ((8, 6, 5, 3), False), ((4 * 30, 33), True), ((4, 5, 64), True)]
+
+
+def bn_case(dtype, shape, affine, seed=0):
+    """(y, grad_spikes [T, M], mean, invstd, weight, bias, lif_args) of a training-mode ATen BatchNorm."""
+    from spikeops.ops.batch_norm_lif import _batch_norm
+    from spikeops.ops.lif import SURROGATE_IDS
+    g = torch.Generator().manual_seed(seed)
+    y = inputs("bn2d", shape, seed).to(dtype)
+    weight = torch.rand(shape[1], generator=g) + 0.5 if affine else None
+    bias = torch.rand(shape[1], generator=g) - 0.5 if affine else None
+    with torch.no_grad():  # fp32 running statistics (as nn.BatchNorm keeps them) give fp32 batch statistics
+        _, mean, invstd, _, _ = _batch_norm(y, weight, bias, torch.zeros(shape[1]), torch.ones(shape[1]), True, 0.0,
+                                            1e-5)
+    T = 4 if shape[0] % 4 == 0 else 1
+    grad = torch.randn(shape, generator=g).to(dtype).view(T, -1)
+    return y, grad, mean, invstd, weight, bias, (2.0, 0.5, 0.0, True, True, True, SURROGATE_IDS["sigmoid"], 4.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape,affine", [((8, 6, 5, 3), True), ((4 * 10, 8), True), ((4, 3, 37), True),
-                                          ((8, 48, 7, 7), True), ((4, 40, 16), True), ((8, 6, 5, 3), False)])
-def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, affine, monkeypatch):
+@pytest.mark.parametrize("shape,affine", SHAPES_AS_ATEN_LAYS_THEM)
+def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, affine):
     """Training on the C++ backend, backward computes BN(y) inside the LIF kernel from the forward's
-    statistics instead of running BatchNorm again: the same gradients, bit for bit (shapes with
-    SIMD remainders, channels at dim 1 of [N, C, L] and [N, C] rows, as ATen lays them out; a
-    BatchNorm without weight and bias)."""
+    statistics instead of running BatchNorm again: the same dL/dZ, bit for bit, as the LIF backward
+    of ATen's BN(y) (shapes with SIMD remainders, channels at dim 1 of [N, C, L] and [N, C] rows, as
+    ATen lays them out; a BatchNorm without weight and bias)."""
     pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
+    from spikeops import backend
     from spikeops.ops import batch_norm_lif as module
     assert module._kernel_affine_matches_aten(dtype), "this torch's BatchNorm computes Z otherwise (kernel path off)"
-    calls = []
-    kernel = module._lif_backward_from_bn_input
-    monkeypatch.setattr(module, "_lif_backward_from_bn_input", lambda *a: calls.append(1) or kernel(*a))
-    grads = {}
-    for in_kernel in (True, False):
-        monkeypatch.setitem(module._AFFINE_MATCHES_ATEN, dtype, in_kernel)
+    y, grad, mean, invstd, weight, bias, lif_args = bn_case(dtype, shape, affine)
+    with torch.no_grad():
+        z = module._batch_norm(y, weight, bias, torch.zeros(shape[1]), torch.ones(shape[1]), True, 0.0, 1e-5)[0]
+    expected = backend.kernel("lif", "lif_backward_from_input", "cpp")(grad, z.view(grad.shape), *lif_args)
+    assert torch.equal(module._lif_backward_from_bn_input(grad, y, mean, invstd, weight, bias, *lif_args), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,affine", SHAPES_AS_ATEN_LAYS_THEM)
+def test_cpp_backward_through_batch_norm_is_atens_up_to_rounding(dtype, shape, affine, monkeypatch):
+    """The C++ backend's one call through LIF and BatchNorm in training mode (lif_backward_through_bn:
+    BatchNorm's channel sums taken from dL/dZ chunk by chunk, ATen's formula): dL/dy, dL/dweight and
+    dL/dbias within twice ATen's own error of the float64 BatchNorm backward of the same dL/dZ; and
+    batch_norm_lif takes it, its gradients close to those of the path through ATen's BatchNorm."""
+    pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
+    from spikeops.ops import batch_norm_lif as module
+    y, grad, mean, invstd, weight, bias, lif_args = bn_case(dtype, shape, affine, seed=1)
+    grad_z = module._lif_backward_from_bn_input(grad, y, mean, invstd, weight, bias, *lif_args).view(y.shape)
+    w = torch.ones(shape[1]) if weight is None else weight
+    exact = torch.ops.aten.native_batch_norm_backward(grad_z.double(), y.double(), w.double(), None, None,
+                                                      mean.double(), invstd.double(), True, 1e-5, [True] * 3)
+    aten = torch.ops.aten.native_batch_norm_backward(grad_z, y, w, None, None, mean, invstd, True, 1e-5, [True] * 3)
+    ours = module._lif_backward_through_bn(grad, y, mean, invstd, weight, bias, True, *lif_args)
+    for o, a, e in zip((ours[0].view(y.shape), *ours[1:]), aten, exact):
+        assert o.dtype == a.dtype and o.shape == a.shape
+        assert (o.double() - e).abs().max() <= 2 * (a.double() - e).abs().max() + 1e-6 * e.abs().max()
+
+    calls, grads = [], {}
+    through = module._lif_backward_through_bn
+    monkeypatch.setattr(module, "_lif_backward_through_bn", lambda *a: calls.append(1) or through(*a))
+    for fused in (True, False):
+        monkeypatch.setitem(module._AFFINE_MATCHES_ATEN, dtype, fused)  # False: BatchNorm again, ATen's backward
         bn, lif = modules("bn1d" if len(shape) == 2 else "bn2d", shape[1], "cpp")
         if len(shape) == 3 or not affine:
             bn = (nn.BatchNorm1d if len(shape) == 3 else nn.BatchNorm2d)(shape[1], affine=affine)
-        y = inputs("bn2d", shape).to(dtype).requires_grad_()
-        out = batch_norm_lif(y, bn, lif, T=4 if shape[0] % 4 == 0 else 1)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(dtype))
-        grads[in_kernel] = [y.grad] + ([bn.weight.grad, bn.bias.grad] if affine else [])
-    assert len(calls) == 1  # the first pass took the kernel path, the second did not
+        leaf = y.clone().requires_grad_()
+        out = batch_norm_lif(leaf, bn, lif, T=grad.shape[0])
+        out.backward(grad.view(out.shape))
+        grads[fused] = [leaf.grad] + ([bn.weight.grad, bn.bias.grad] if affine else [])
+    assert len(calls) == 1  # the first pass took it, the second did not
     for a, b in zip(grads[True], grads[False]):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=(1e-2 if dtype == torch.bfloat16 else 1e-6) * b.abs().max().item())
 
 
 def test_autocast_linear_bn_lif_keeps_only_the_half_precision_input_of_the_batch_norm():

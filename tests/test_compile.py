@@ -70,12 +70,13 @@ def assert_same_results(eager, compiled):
     assert len(gp_c) == len(gp_e)
     # relative to the module's largest parameter gradient: a bias right before training-mode
     # BatchNorm has gradient 0 in exact arithmetic and holds rounding noise whose size depends on
-    # the BatchNorm kernel (cuDNN's in eager CUDA calls, ATen's in the compiled graph)
+    # the BatchNorm backward (cuDNN's in eager CUDA calls, spikeops' C++ one through LIF and
+    # BatchNorm in eager CPU calls, ATen's in the compiled graph: seen up to 2.1e-5 of the scale)
     scale = max((e.abs().max().item() for e in gp_e if e is not None), default=0.0)
     for a, e in zip(gp_c, gp_e):
         assert (a is None) == (e is None)
         if e is not None:
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5 * scale)
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -127,8 +128,15 @@ def test_full_model_forward_backward_compiles_with_fullgraph(backend):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)  # logits: means of identical spikes
     assert ref_grads.keys() == grads.keys()
     assert any(g.abs().sum() > 0 for g in ref_grads.values())
+    # a bias right before training-mode BatchNorm has gradient 0 in exact arithmetic: rounding noise
+    # whose size depends on the BatchNorm backward (spikeops' C++ one through LIF and BatchNorm in
+    # eager CPU calls, ATen's in the compiled graph), compared relative to the model's largest gradient
+    scale = max(g.abs().max().item() for g in ref_grads.values())
     for name, g in ref_grads.items():
-        assert_grads_close(grads[name], g)
+        if g.abs().max().item() < 1e-4 * scale:  # seen: up to 5e-6 of the scale, differing by up to 8e-7 of it
+            torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-5 * scale, msg=name)
+        else:
+            assert_grads_close(grads[name], g)
     for (name, b_e), b_c in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_c, b_e, rtol=1e-6, atol=1e-7, msg=name)
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "batch_norm.h"
 #include "cpu_features.h"
 #include "float_staging.h"
 #include "lif_math.h"
@@ -191,6 +192,8 @@ void load_state(const float* h, const uint16_t* h_bf16, float* d, int64_t n, Lif
 }
 
 constexpr int64_t kGrain = 4 * kChunk;
+// lif_backward_through_bn's blocks of neurons, each with its own BatchNorm sums [2][C] (fp64)
+constexpr int64_t kSumBlock = 16 * kChunk;
 
 LifConsts consts_of(double tau, double v_threshold, double v_reset, bool hard_reset) {
   return {static_cast<float>(tau), static_cast<float>(v_threshold), static_cast<float>(hard_reset ? v_reset : 0.0)};
@@ -261,11 +264,15 @@ void distance_step(const scalar_t* x, float* v, float* d, int64_t n, LifConsts c
 // The backward of [T, N] whose H is recomputed from the forward's input, a chunk of neurons at a
 // time (H never written out): forward_steps(c0, n, v, d) runs lif_forward's steps t = 0..T-1 of
 // neurons c0 .. c0 + n from the potentials v (at v_reset), writing each step's H - v_threshold
-// (load_state's d) to d + t * kChunk; then backward_chunk reads them there.
-template <typename scalar_t, typename ForwardSteps>
+// (load_state's d) to d + t * kChunk; then backward_chunk reads them there. The threads take whole
+// blocks of `block` neurons (a multiple of kChunk), chunks starting at the block's start, whatever
+// their number. after_chunk(c0, n), if given, runs once a chunk's dL/dX is written (while in cache).
+template <typename scalar_t, typename ForwardSteps, typename AfterChunk = std::nullptr_t>
 void backward_recomputing(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t N, const BackwardArgs& b,
-                          const ForwardSteps& forward_steps) {
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+                          const ForwardSteps& forward_steps, const AfterChunk& after_chunk = nullptr,
+                          int64_t block = kGrain) {
+  at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t begin = b0 * block, end = std::min(N, b1 * block);
     std::vector<float> d(T * kChunk);
     float v[kChunk];
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
@@ -274,19 +281,29 @@ void backward_recomputing(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t
       forward_steps(c0, n, v, d.data());
       backward_chunk(gsp, gxp, T, N, c0, n, b,
                      [&](int64_t t, float*) { return static_cast<const float*>(d.data() + t * kChunk); });
+      if constexpr (!std::is_same_v<AfterChunk, std::nullptr_t>) after_chunk(c0, n);
     }
   });
 }
 
 // lif_backward_from_bn_input's work for fp32 / bf16 y [T, M]: per chunk of neurons, their BatchNorm
 // alpha and beta (element i of a row is channel i / inner % C), then the forward steps on Z = BN(y).
+// With sums (lif_backward_through_bn): also BatchNorm's channel sums of dL/dZ (batch_norm.h) from
+// each chunk, into sums [blocks of kSumBlock neurons][2][C] (so that their order does not depend on
+// the number of threads).
 template <typename scalar_t>
 void bn_backward_chunks(const at::Tensor& grad_spikes, const at::Tensor& y, const std::vector<float>& scale,
-                        const std::vector<float>& shift, int64_t inner, const BackwardArgs& b, at::Tensor& grad_x) {
+                        const std::vector<float>& shift, int64_t inner, const BackwardArgs& b, at::Tensor& grad_x,
+                        const float* mean = nullptr, double* sums = nullptr) {
   const int64_t T = y.size(0), M = y.size(1), C = static_cast<int64_t>(scale.size());
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
-  backward_recomputing(grad_spikes.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), T, M, b,
-                       [&](int64_t c0, int64_t n, float* v, float* d) {
+  scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+  auto add_sums = [&](int64_t c0, int64_t n) {
+    double* s = sums + c0 / kSumBlock * 2 * C;
+    for (int64_t t = 0; t < T; ++t)
+      add_channel_sums(in_loop(gxp + t * M + c0), in_loop(yp + t * M + c0), c0, n, C, inner, mean, s, s + C);
+  };
+  auto forward_steps = [&](int64_t c0, int64_t n, float* v, float* d) {
     float a[kChunk], sh[kChunk];
     if (inner == 1) {  // [rows, C]: runs of consecutive channels
       for (int64_t i = 0, c = c0 % C; i < n; c = 0) {
@@ -305,7 +322,9 @@ void bn_backward_chunks(const at::Tensor& grad_spikes, const at::Tensor& y, cons
     }
     for (int64_t t = 0; t < T; ++t)
       step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d + t * kChunk, n, b.c, b.hard_reset, b.decay_input);
-  });
+  };
+  if (sums) backward_recomputing(grad_spikes.const_data_ptr<scalar_t>(), gxp, T, M, b, forward_steps, add_sums, kSumBlock);
+  else backward_recomputing(grad_spikes.const_data_ptr<scalar_t>(), gxp, T, M, b, forward_steps);
 }
 
 }  // namespace
@@ -395,38 +414,76 @@ at::Tensor lif_backward_from_input(
   return grad_x;
 }
 
-at::Tensor lif_backward_from_bn_input(
-    const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& bias, int64_t inner, double tau, double v_threshold,
-    double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha) {
-  const BackwardArgs b = backward_args("lif_backward_from_bn_input", grad_spikes, tau, v_threshold, v_reset,
-                                       hard_reset, decay_input, detach_reset, surrogate, alpha);
+namespace {
+
+// The checks of lif_backward_from_bn_input / lif_backward_through_bn (op names it) and BatchNorm's
+// alpha, beta per channel as ATen's batch_norm_cpu_collect_linear_and_constant_terms (contracted).
+void bn_affine(const char* op, const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean,
+               const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias, int64_t inner,
+               std::vector<float>& scale, std::vector<float>& shift) {
   TORCH_CHECK(y.sizes() == grad_spikes.sizes() && y.is_contiguous() && y.scalar_type() == grad_spikes.scalar_type() &&
                   (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
-              "lif_backward_from_bn_input: y must be the contiguous fp32/bf16 [T, M] BatchNorm input, in "
-              "grad_spikes' dtype");
+              op, ": y must be the contiguous fp32/bf16 [T, M] BatchNorm input, in grad_spikes' dtype");
   const int64_t C = mean.numel();
   for (const at::Tensor* p : {&mean, &invstd, &weight, &bias})
     TORCH_CHECK(p->dim() == 1 && p->numel() == C && p->is_contiguous() && p->scalar_type() == at::kFloat,
-                "lif_backward_from_bn_input: mean, invstd, weight and bias must be contiguous fp32 [C]");
-  TORCH_CHECK(C > 0 && inner > 0 && y.size(1) % (inner * C) == 0,
-              "lif_backward_from_bn_input: the rows of y must hold whole [C, inner] blocks");
-  // alpha, beta per channel as ATen's batch_norm_cpu_collect_linear_and_constant_terms (contracted)
-  std::vector<float> scale(C), shift(C);
+                op, ": mean, invstd, weight and bias must be contiguous fp32 [C]");
+  TORCH_CHECK(C > 0 && inner > 0 && y.size(1) % (inner * C) == 0, op, ": the rows of y must hold whole [C, inner] blocks");
+  scale.resize(C);
+  shift.resize(C);
   const float *mp = mean.const_data_ptr<float>(), *ip = invstd.const_data_ptr<float>(),
               *wp = weight.const_data_ptr<float>(), *bp = bias.const_data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
     scale[c] = ip[c] * wp[c];
     shift[c] = __builtin_fmaf(-mp[c], scale[c], bp[c]);
   }
+}
+
+}  // namespace
+
+at::Tensor lif_backward_from_bn_input(
+    const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t inner, double tau, double v_threshold,
+    double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha) {
+  const BackwardArgs b = backward_args("lif_backward_from_bn_input", grad_spikes, tau, v_threshold, v_reset,
+                                       hard_reset, decay_input, detach_reset, surrogate, alpha);
+  std::vector<float> scale, shift;
+  bn_affine("lif_backward_from_bn_input", grad_spikes, y, mean, invstd, weight, bias, inner, scale, shift);
   auto grad_x = at::empty_like(grad_spikes);
-  auto run = [&](auto tag) { bn_backward_chunks<decltype(tag)>(grad_spikes, y, scale, shift, inner, b, grad_x); };
-  if (y.scalar_type() == at::kFloat) {
-    run(float{});
-  } else {
-    run(c10::BFloat16{});
-  }
+  if (y.scalar_type() == at::kFloat) bn_backward_chunks<float>(grad_spikes, y, scale, shift, inner, b, grad_x);
+  else bn_backward_chunks<c10::BFloat16>(grad_spikes, y, scale, shift, inner, b, grad_x);
   return grad_x;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_through_bn(
+    const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, int64_t inner, bool grad_affine, double tau,
+    double v_threshold, double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate,
+    double alpha) {
+  const BackwardArgs b = backward_args("lif_backward_through_bn", grad_spikes, tau, v_threshold, v_reset,
+                                       hard_reset, decay_input, detach_reset, surrogate, alpha);
+  std::vector<float> scale, shift;
+  bn_affine("lif_backward_through_bn", grad_spikes, y, mean, invstd, weight, bias, inner, scale, shift);
+  const int64_t C = mean.numel(), blocks = (y.size(1) + kSumBlock - 1) / kSumBlock;
+  std::vector<double> sums(blocks * 2 * C, 0.0);  // [block][sum dz, sum dz (y - mean)][C]
+  auto grad = at::empty_like(grad_spikes);          // dL/dZ, then dL/dy in place
+  at::Tensor dw = grad_affine ? at::empty({C}, mean.options()) : at::Tensor();
+  at::Tensor db = grad_affine ? at::empty({C}, mean.options()) : at::Tensor();
+  const float* mp = mean.const_data_ptr<float>();
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    bn_backward_chunks<scalar_t>(grad_spikes, y, scale, shift, inner, b, grad, mp, sums.data());
+    for (int64_t q = 1; q < blocks; ++q)  // in block order
+      for (int64_t i = 0; i < 2 * C; ++i) sums[i] += sums[q * 2 * C + i];
+    batch_norm_input_grad(in_loop(grad.const_data_ptr<scalar_t>()), in_loop(y.const_data_ptr<scalar_t>()), y.numel(),
+                          C, inner, sums.data(), sums.data() + C, mp, invstd.const_data_ptr<float>(),
+                          weight.const_data_ptr<float>(), in_loop(grad.mutable_data_ptr<scalar_t>()),
+                          grad_affine ? dw.mutable_data_ptr<float>() : nullptr,
+                          grad_affine ? db.mutable_data_ptr<float>() : nullptr);
+  };
+  if (y.scalar_type() == at::kFloat) run(float{});
+  else run(c10::BFloat16{});
+  return {grad, dw, db};
 }
 
 }  // namespace cpu

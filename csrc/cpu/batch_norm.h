@@ -1,0 +1,42 @@
+// BatchNorm's backward in training mode (batch statistics) for batch_norm_lif's C++ path, in two
+// parts: the channel sums, accumulated by the LIF backward (lif.cpp, lif_backward_through_bn) while
+// its dL/dZ is in cache, and the input gradient from them (batch_norm.cpp). With M = R * inner
+// positions per channel c of y [R, C, inner]:
+//
+//   db_c = sum dz,   dw_c = invstd_c sum dz (y - mean_c),   k_c = invstd_c^2 sum dz (y - mean_c) / M
+//   dy   = (dz - db_c / M - (y - mean_c) k_c) invstd_c w_c
+//
+// ATen's formula (aten/src/ATen/native/batch_norm.cpp); the sums are fp32 lanes over a run of
+// positions and fp64 across runs, so the gradients differ from ATen's in rounding only.
+#pragma once
+#include <cstdint>
+
+namespace spikeops {
+namespace cpu {
+
+// sums[0][c] += sum dz, sums[1][c] += sum dz (y - mean[c]) over n positions of y / dz [*, C, inner]
+// starting at position p0 of a row of C * inner (element i of the row is channel i / inner % C).
+// T: float, or uint16_t for bf16 (float_staging.h's in_loop types).
+template <typename T>
+void add_channel_sums(const T* dz, const T* y, int64_t p0, int64_t n, int64_t C, int64_t inner, const float* mean,
+                      double* s1, double* s2);
+extern template void add_channel_sums<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                             const float*, double*, double*);
+extern template void add_channel_sums<uint16_t>(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
+                                                const float*, double*, double*);
+
+// dy (may be dz itself) and, where not null, dw, db [C] from the sums over the M = numel / C
+// positions: y, dz, dy numel values as [R, C, inner].
+template <typename T>
+void batch_norm_input_grad(const T* dz, const T* y, int64_t numel, int64_t C, int64_t inner, const double* s1,
+                           const double* s2, const float* mean, const float* invstd, const float* weight, T* dy,
+                           float* dw, float* db);
+extern template void batch_norm_input_grad<float>(const float*, const float*, int64_t, int64_t, int64_t,
+                                                  const double*, const double*, const float*, const float*,
+                                                  const float*, float*, float*, float*);
+extern template void batch_norm_input_grad<uint16_t>(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t,
+                                                     const double*, const double*, const float*, const float*,
+                                                     const float*, uint16_t*, float*, float*);
+
+}  // namespace cpu
+}  // namespace spikeops
