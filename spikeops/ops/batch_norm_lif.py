@@ -45,8 +45,9 @@ class _BatchNormLIF(torch.autograd.Function):
         z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, training, momentum,
                                                      eps)
         spikes, _ = _lif_forward(z.view(T, -1), *lif_args, False, False, backend)
-        # C++, training: backward computes Z from y and these statistics inside its LIF kernel
-        ctx.bn_stats = (mean, invstd, reserve, impl) if training and _affine_in_kernel(y, mean, impl, backend) else None
+        # C++, training: backward computes Z from y and these statistics inside its LIF kernel, and
+        # BatchNorm's backward after it (lif_backward_through_bn)
+        ctx.bn_stats = (mean, invstd) if training and _affine_in_kernel(y, mean, impl, backend) else None
         stats = (None, None) if training else (running_mean.clone(), running_var.clone())
         ctx.save_for_backward(y, weight, bias, *stats)
         ctx.training, ctx.eps, ctx.T, ctx.lif_args, ctx.backend = training, eps, T, lif_args, backend
@@ -64,27 +65,23 @@ class _BatchNormLIF(torch.autograd.Function):
         args = ctx.lif_args
         grad_spikes = grad_spikes.contiguous().view(ctx.T, -1)
         needs = ctx.needs_input_grad
-        if ctx.bn_stats is not None and _backend.has_kernel("lif", "lif_backward_through_bn", "cpp"):
+        if ctx.bn_stats is not None:
             # one C++ call through both layers: BatchNorm's backward from sums taken while dL/dZ is in cache
-            mean, invstd = ctx.bn_stats[:2]
+            mean, invstd = ctx.bn_stats
             affine = weight is not None and (needs[1] or needs[2])
             dy, dw, db = _lif_backward_through_bn(grad_spikes, y, mean, invstd, weight, bias, affine, *args)
             return (dy.view(y.shape) if needs[0] else None, dw if affine and needs[1] else None,
                     db if affine and needs[2] else None, None, None, None, None, None, None, None, None)
-        if ctx.bn_stats is not None:
-            mean, invstd, reserve, impl = ctx.bn_stats
-            grad_z = _lif_backward_from_bn_input(grad_spikes, y, mean, invstd, weight, bias, *args).view(y.shape)
-        else:
-            # the forward's BN output, bit for bit: same kernel, same input, same statistics source
-            # (training: stand-in running statistics of the forward's dtype and device, momentum 0)
-            if ctx.running_like is not None:
-                running_mean, running_var = torch.zeros(**ctx.running_like), torch.ones(**ctx.running_like)
-            z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, ctx.training,
-                                                         0.0, ctx.eps)
-            # H, recomputed from Z (C++: inside the backward kernel, a chunk of neurons at a time); Z is
-            # dropped as soon as it is used (a tensor the size of y, alive at this layer's peak otherwise)
-            grad_z = _lif_backward_from_input(grad_spikes, z.view(ctx.T, -1), *args, ctx.backend).view(y.shape)
-            del z
+        # the forward's BN output, bit for bit: same kernel, same input, same statistics source
+        # (training: stand-in running statistics of the forward's dtype and device, momentum 0)
+        if ctx.running_like is not None:
+            running_mean, running_var = torch.zeros(**ctx.running_like), torch.ones(**ctx.running_like)
+        z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, ctx.training,
+                                                     0.0, ctx.eps)
+        # H, recomputed from Z (C++: inside the backward kernel, a chunk of neurons at a time); Z is
+        # dropped as soon as it is used (a tensor the size of y, alive at this layer's peak otherwise)
+        grad_z = _lif_backward_from_input(grad_spikes, z.view(ctx.T, -1), *args, ctx.backend).view(y.shape)
+        del z
         mask = [needs[0], needs[1], needs[2]]
         if ctx.training:  # cuDNN's backward where cuDNN ran the forward, as autograd does for nn.BatchNorm
             grads = torch.ops.aten._batch_norm_impl_index_backward(impl, y, grad_z, weight, running_mean, running_var,
@@ -132,7 +129,7 @@ def _affine_in_kernel(y, mean, impl, backend) -> bool:
     dtype: ATen's formula, two FMAs, is how its CPU kernels are compiled, not a documented contract;
     where it differs the backward runs the BatchNorm forward again, as on the other backends)."""
     if backend != "cpp" or impl != 0 or mean.dtype != torch.float32 or y.dtype not in (torch.float32, torch.bfloat16) \
-            or not _backend.has_kernel("lif", "lif_backward_from_bn_input", "cpp"):
+            or not _backend.has_kernel("lif", "lif_backward_through_bn", "cpp"):
         return False
     if y.dtype not in _AFFINE_MATCHES_ATEN:
         _AFFINE_MATCHES_ATEN[y.dtype] = _kernel_affine_matches_aten(y.dtype)
