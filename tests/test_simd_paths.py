@@ -3,8 +3,8 @@
 Where the CPU has AVX-512 (F, BW) or AVX2 the kernels take it (csrc/cpu/cpu_features.h), so the
 narrower paths would go untested here: the AVX2 packing, sums and neuron on an AVX-512 machine, the
 SSE2 packing and the GCC-vector sums of the attention kernels on an AVX2 one, and SSA's AVX-512
-paths without VPOPCNTDQ / VBMI / GFNI (table popcounts, scalar bit transposes) on a machine with
-them. With SPIKEOPS_NO_AVX512_BITOPS=1 the extension takes the latter, with SPIKEOPS_NO_AVX512=1
+paths without VPOPCNTDQ / VBMI / GFNI (K^T V as sums of V rows, scalar bit transposes) on a machine
+with them. With SPIKEOPS_NO_AVX512_BITOPS=1 the extension takes the latter, with SPIKEOPS_NO_AVX512=1
 the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline ones; this file runs the C++ tests of
 packing, the Spike* layers, SSA, token attention and batch_norm_lif again in such processes.
 """

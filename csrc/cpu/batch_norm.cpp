@@ -36,9 +36,8 @@ inline __attribute__((always_inline)) Floats load_lanes(const uint16_t* p) {  //
 }
 inline __attribute__((always_inline)) void store_lanes(float* p, Floats v) { __builtin_memcpy(p, &v, sizeof(v)); }
 inline __attribute__((always_inline)) void store_lanes(uint16_t* p, Floats v) {  // as float_to_bf16
-  const Words b = reinterpret_cast<Words>(v);
-  const Words rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  const Halves h = __builtin_convertvector(v != v ? Words{} + 0x7FC0u : rounded, Halves);
+  const Words bits = v != v ? Words{} + 0x7FC0u : bf16_rounded(reinterpret_cast<Words>(v));
+  const Halves h = __builtin_convertvector(bits, Halves);
   __builtin_memcpy(p, &h, sizeof(h));
 }
 
@@ -67,23 +66,17 @@ inline __attribute__((always_inline)) void run_sums(const T* g, const T* x, int6
 template <typename T>
 SPIKEOPS_BN_CLONES void channel_sums(const T* dz, const T* y, int64_t p0, int64_t n, int64_t C, int64_t inner,
                                      const float* mean, double* s1, double* s2) {
-  if (inner > 1) {  // runs of one channel
-    for (int64_t i = 0, c = p0 / inner % C, pos = p0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
-      const int64_t len = std::min(inner - pos, n - i);
+  channel_runs(p0, n, C, inner, [&](int64_t i, int64_t len, int64_t c) {
+    if (inner > 1) {
       run_sums(dz + i, y + i, len, mean[c], s1[c], s2[c]);
-      i += len;
+      return;
     }
-  } else {  // runs of consecutive channels
-    for (int64_t i = 0, c = p0 % C; i < n; c = 0) {
-      const int64_t len = std::min(C - c, n - i);
-      for (int64_t j = 0; j < len; ++j) {
-        const float gj = load_float(dz, i + j);
-        s1[c + j] += gj;
-        s2[c + j] += gj * (load_float(y, i + j) - mean[c + j]);
-      }
-      i += len;
+    for (int64_t j = 0; j < len; ++j) {
+      const float gj = load_float(dz, i + j);
+      s1[c + j] += gj;
+      s2[c + j] += gj * (load_float(y, i + j) - mean[c + j]);
     }
-  }
+  });
 }
 
 // dy for the runs [u0, u1) of inner positions (run u: channel u % C), or with inner 1 for the rows

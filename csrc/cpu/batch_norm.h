@@ -9,10 +9,31 @@
 // ATen's formula (aten/src/ATen/native/batch_norm.cpp); the sums are fp32 lanes over a run of
 // positions and fp64 across runs, so the gradients differ from ATen's in rounding only.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 namespace spikeops {
 namespace cpu {
+
+// The n positions from p0 of rows of C * inner values (position p is channel p / inner % C) as
+// runs: f(i, len, c) for the positions p0 + i .. p0 + i + len - 1, which are with inner 1 of the
+// consecutive channels c .. c + len - 1, else all of channel c.
+template <typename F>
+inline __attribute__((always_inline)) void channel_runs(int64_t p0, int64_t n, int64_t C, int64_t inner, F&& f) {
+  if (inner == 1) {
+    for (int64_t i = 0, c = p0 % C; i < n; c = 0) {
+      const int64_t len = std::min(C - c, n - i);
+      f(i, len, c);
+      i += len;
+    }
+    return;
+  }
+  for (int64_t i = 0, c = p0 / inner % C, pos = p0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t len = std::min(inner - pos, n - i);
+    f(i, len, c);
+    i += len;
+  }
+}
 
 // sums[0][c] += sum dz, sums[1][c] += sum dz (y - mean[c]) over n positions of y / dz [*, C, inner]
 // starting at position p0 of a row of C * inner (element i of the row is channel i / inner % C).

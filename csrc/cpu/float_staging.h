@@ -15,11 +15,17 @@ namespace cpu {
 
 // fp32 <-> bf16 (round to nearest even, NaN -> 0x7FC0: c10::BFloat16's rounding) with integer ops
 // that vectorise.
+// bf16_rounded: that rounding on a float's bits b (a uint32_t, or a GCC vector of them), in the
+// low 16 bits.
+template <typename Bits>
+static inline __attribute__((always_inline)) Bits bf16_rounded(Bits b) {
+  return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+}
+
 static inline __attribute__((always_inline)) uint16_t float_to_bf16(float f) {
   uint32_t b;
   __builtin_memcpy(&b, &f, sizeof(b));
-  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : bf16_rounded(b));
 }
 
 static inline __attribute__((always_inline)) float bf16_to_float(uint16_t h) {

@@ -305,21 +305,15 @@ void bn_backward_chunks(const at::Tensor& grad_spikes, const at::Tensor& y, cons
   };
   auto forward_steps = [&](int64_t c0, int64_t n, float* v, float* d) {
     float a[kChunk], sh[kChunk];
-    if (inner == 1) {  // [rows, C]: runs of consecutive channels
-      for (int64_t i = 0, c = c0 % C; i < n; c = 0) {
-        const int64_t len = std::min(C - c, n - i);
+    channel_runs(c0, n, C, inner, [&](int64_t i, int64_t len, int64_t c) {
+      if (inner == 1) {  // [rows, C]: consecutive channels
         std::copy(scale.data() + c, scale.data() + c + len, a + i);
         std::copy(shift.data() + c, shift.data() + c + len, sh + i);
-        i += len;
-      }
-    } else {  // runs of one channel
-      for (int64_t i = 0, c = c0 / inner % C, pos = c0 % inner; i < n; pos = 0, c = c + 1 == C ? 0 : c + 1) {
-        const int64_t len = std::min(inner - pos, n - i);
+      } else {
         std::fill(a + i, a + i + len, scale[c]);
         std::fill(sh + i, sh + i + len, shift[c]);
-        i += len;
       }
-    }
+    });
     for (int64_t t = 0; t < T; ++t)
       step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d + t * kChunk, n, b.c, b.hard_reset, b.decay_input);
   };

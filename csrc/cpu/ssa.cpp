@@ -410,13 +410,13 @@ __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64
 #if SPIKEOPS_SSA_AVX2
 #define SPIKEOPS_AVX512_BITOPS __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vpopcntdq,gfni,bmi")))
 
-// out[c] bit r = in[r] bit c for the 64 x 64 bit matrix in[0, 64), with AVX-512 VBMI and GFNI:
-// 8 x 8 blocks of bits are 8 x 8 blocks of bytes. (1) Within each vector of 8 rows, a byte
+// transpose_rounds<32>(a) with AVX-512 VBMI and GFNI (a[i] bit j <-> a[j] bit i, all 64 words read
+// before the first is written): 8 x 8 blocks of bits are 8 x 8 blocks of bytes. (1) Within each vector of 8 rows, a byte
 // permute gathers byte j of the rows into word j (rows in reverse byte order); (2) GFNI's affine
 // transform with the matrix of the rows transposes each word's 8 x 8 bits (result byte k, bit i =
 // bit k of matrix byte 7 - i); (3) an 8 x 8 transpose of the words across the 8 vectors and (4) the
 // byte permute of (1) again put byte g of column c's word in place.
-SPIKEOPS_AVX512_BITOPS inline void transpose64_avx512(const uint64_t* in, uint64_t* out) {
+SPIKEOPS_AVX512_BITOPS inline void transpose64_avx512(uint64_t* a) {
   alignas(64) static constexpr uint8_t kGather[64] = {  // out byte 8 j + 7 - k = in byte 8 k + j
       56, 48, 40, 32, 24, 16, 8, 0, 57, 49, 41, 33, 25, 17, 9, 1, 58, 50, 42, 34, 26, 18, 10, 2,
       59, 51, 43, 35, 27, 19, 11, 3, 60, 52, 44, 36, 28, 20, 12, 4, 61, 53, 45, 37, 29, 21, 13, 5,
@@ -429,7 +429,7 @@ SPIKEOPS_AVX512_BITOPS inline void transpose64_avx512(const uint64_t* in, uint64
   const __m512i unit = _mm512_set1_epi64(0x8040201008040201ll);  // byte k = 1 << k
   __m512i r[8], t[8];
   for (int g = 0; g < 8; ++g)  // (1), (2): r[g] word j byte k = column 8 j + k, bit i = row 8 g + i
-    r[g] = _mm512_gf2p8affine_epi64_epi8(unit, _mm512_permutexvar_epi8(gather, _mm512_loadu_si512(in + 8 * g)), 0);
+    r[g] = _mm512_gf2p8affine_epi64_epi8(unit, _mm512_permutexvar_epi8(gather, _mm512_loadu_si512(a + 8 * g)), 0);
   for (int g = 0; g < 8; g += 2) {  // (3): t[j] word g = r[g] word j
     t[g] = _mm512_unpacklo_epi64(r[g], r[g + 1]);
     t[g + 1] = _mm512_unpackhi_epi64(r[g], r[g + 1]);
@@ -444,7 +444,7 @@ SPIKEOPS_AVX512_BITOPS inline void transpose64_avx512(const uint64_t* in, uint64
     t[p] = _mm512_shuffle_i64x2(r[p], r[p + 4], 0x88);
     t[p + 4] = _mm512_shuffle_i64x2(r[p], r[p + 4], 0xDD);
   }
-  for (int j = 0; j < 8; ++j) _mm512_storeu_si512(out + 8 * j, _mm512_permutexvar_epi8(transpose, t[j]));
+  for (int j = 0; j < 8; ++j) _mm512_storeu_si512(a + 8 * j, _mm512_permutexvar_epi8(transpose, t[j]));
 }
 #endif
 
@@ -455,19 +455,11 @@ template <typename Slot>
 inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols, Slot slot) {
   const int64_t Wd = words_for(d), WN = words_for(N);
 #if SPIKEOPS_SSA_AVX2
-  if (avx512_bitops_enabled()) {
-    alignas(64) uint64_t a[64], t[64];
-    for (int64_t rb = 0; rb < WN; ++rb) {
-      for (int64_t cw = 0; cw < Wd; ++cw) {
-        for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? rows[(rb * 64 + i) * Wd + cw] : 0;
-        transpose64_avx512(a, t);
-        for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) cols[slot(cw * 64 + i, rb)] = t[i];
-      }
-    }
-    return;
-  }
+  const bool gfni = avx512_bitops_enabled();  // whole 64 x 64 transposes, with GFNI
+#else
+  const bool gfni = false;
 #endif
-  if (d <= 32) {  // 64 x 32 blocks (a row's bits from d on are zero): half the swaps
+  if (d <= 32 && !gfni) {  // 64 x 32 blocks (a row's bits from d on are zero): half the swaps
     for (int64_t rb = 0; rb < WN; ++rb) {
       uint64_t a[32];
       for (int64_t i = 0; i < 32; ++i) {
@@ -481,9 +473,13 @@ inline void columns(const uint64_t* rows, int64_t N, int64_t d, uint64_t* cols, 
   }
   for (int64_t rb = 0; rb < WN; ++rb) {
     for (int64_t cw = 0; cw < Wd; ++cw) {
-      uint64_t a[64];
+      alignas(64) uint64_t a[64];
       for (int64_t i = 0; i < 64; ++i) a[i] = rb * 64 + i < N ? rows[(rb * 64 + i) * Wd + cw] : 0;
-      transpose_rounds<32>(a);
+#if SPIKEOPS_SSA_AVX2
+      if (gfni) transpose64_avx512(a);
+      else
+#endif
+        transpose_rounds<32>(a);
       for (int64_t i = 0; i < 64 && cw * 64 + i < d; ++i) cols[slot(cw * 64 + i, rb)] = a[i];
     }
   }

@@ -3,24 +3,24 @@ r"""BatchNorm followed by a LIF neuron that keeps one float per neuron for backw
 ``S = LIF(BN(Y))`` where ``Y`` is ``[T*B, C, ...]`` (BatchNorm over every position but the channel
 dim 1, statistics shared across time steps) or ``[T*B*N, C]``; the LIF runs over the leading T.
 
-Unfused, autograd keeps BatchNorm's input ``Y`` (fp32) *and* the neuron's membrane state
-``H`` (fp32): 8 bytes per neuron per step. Here only ``Y`` is kept. Backward recomputes
-``Z = BN(Y)`` with the same kernel (cuDNN's where ``nn.BatchNorm`` would use it, else ATen's) and
-the same batch statistics (bit-identical to the forward's ``Z``), reruns the LIF forward steps on
-it for ``H`` alone, and then runs the LIF and BatchNorm backward kernels, so the gradients are
-those of the two layers called in turn (but see the C++ training path below). The LIF part is
-``lif_backward_from_input``: on the C++ backend one kernel (``H`` recomputed a chunk of neurons at a time, never written), on Triton its
-state kernel, then its backward kernel. The extra work is one BatchNorm forward and one LIF forward
-pass: no matmul or conv. On the C++ backend in training mode not even the BatchNorm forward:
-``lif_backward_from_bn_input`` computes ``Z`` from ``Y`` and the forward's batch statistics inside
-the LIF kernel, with ATen's formula (two FMAs, checked bit for bit against ATen once per dtype).
-There one C++ call (``lif_backward_through_bn``) also does BatchNorm's backward: it sums dL/dZ and
-dL/dZ (Y - mean) per channel while each chunk of dL/dZ is in cache, then computes dL/dY with
-ATen's formula from those sums, reading Y and dL/dZ once more where ATen's backward reads them
-twice (a CIFAR Spikformer training step: 0.89-0.95x the time). Its sums are fp32 lanes and fp64
-totals, not ATen's: dL/dY, dL/dweight and dL/dbias equal those of the two layers called in turn up
-to rounding (tests: within twice ATen's own error of the float64 result); everywhere else bit for
-bit.
+Unfused, autograd keeps BatchNorm's input ``Y`` (fp32) *and* the neuron's membrane state ``H``
+(fp32): 8 bytes per neuron per step. Here only ``Y`` is kept. Backward recomputes ``Z = BN(Y)`` with
+the same kernel (cuDNN's where ``nn.BatchNorm`` would use it, else ATen's) and the same batch
+statistics (bit-identical to the forward's ``Z``), reruns the LIF forward steps on it for ``H``
+alone, and then runs the LIF and BatchNorm backward kernels, so the gradients are those of the two
+layers called in turn (but see the C++ training path below). The LIF part is
+``lif_backward_from_input``: on the C++ backend one kernel (``H`` recomputed a chunk of neurons at a
+time, never written), on Triton its state kernel, then its backward kernel. The extra work is one
+BatchNorm forward and one LIF forward pass: no matmul or conv. On the C++ backend in training mode
+not even the BatchNorm forward: ``lif_backward_from_bn_input`` computes ``Z`` from ``Y`` and the
+forward's batch statistics inside the LIF kernel, with ATen's formula (two FMAs, checked bit for bit
+against ATen once per dtype). There one C++ call (``lif_backward_through_bn``) also does BatchNorm's
+backward: it sums dL/dZ and dL/dZ (Y - mean) per channel while each chunk of dL/dZ is in cache, then
+computes dL/dY with ATen's formula from those sums, reading Y and dL/dZ once more where ATen's
+backward reads them twice (one layer's forward+backward: 0.81-0.99x the time, BENCHMARKS.md stop
+24). Its sums are fp32 lanes and fp64 totals, not ATen's: dL/dY, dL/dweight and dL/dbias equal those
+of the two layers called in turn up to rounding (tests: within twice ATen's own error of the float64
+result); everywhere else bit for bit.
 
 Running statistics are updated exactly as ``nn.BatchNorm*d`` updates them (momentum, or the
 cumulative average for ``momentum=None``).
