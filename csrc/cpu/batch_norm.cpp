@@ -34,6 +34,13 @@ inline __attribute__((always_inline)) Floats load_lanes(const uint16_t* p) {  //
   __builtin_memcpy(&h, p, sizeof(h));
   return reinterpret_cast<Floats>(__builtin_convertvector(h, Words) << 16);
 }
+typedef double Doubles __attribute__((vector_size(8 * kLanes)));
+inline __attribute__((always_inline)) void add_lanes(double* p, Floats v) {  // p[0, kLanes) += v
+  Doubles d;
+  __builtin_memcpy(&d, p, sizeof(d));
+  d += __builtin_convertvector(v, Doubles);
+  __builtin_memcpy(p, &d, sizeof(d));
+}
 inline __attribute__((always_inline)) void store_lanes(float* p, Floats v) { __builtin_memcpy(p, &v, sizeof(v)); }
 inline __attribute__((always_inline)) void store_lanes(uint16_t* p, Floats v) {  // as float_to_bf16
   const Words bits = v != v ? Words{} + 0x7FC0u : bf16_rounded(reinterpret_cast<Words>(v));
@@ -63,18 +70,44 @@ inline __attribute__((always_inline)) void run_sums(const T* g, const T* x, int6
   s2 += r2;
 }
 
+// The sums over `steps` arrays (step_stride apart) of the n positions from p0. With inner 1 each
+// position's values over the steps are summed in fp32 first, then added to the fp64 totals (one
+// fp64 add per position instead of one per value).
 template <typename T>
-SPIKEOPS_BN_CLONES void channel_sums(const T* dz, const T* y, int64_t p0, int64_t n, int64_t C, int64_t inner,
-                                     const float* mean, double* s1, double* s2) {
-  channel_runs(p0, n, C, inner, [&](int64_t i, int64_t len, int64_t c) {
-    if (inner > 1) {
-      run_sums(dz + i, y + i, len, mean[c], s1[c], s2[c]);
-      return;
+SPIKEOPS_BN_CLONES void channel_sums(const T* dz, const T* y, int64_t steps, int64_t step_stride, int64_t p0,
+                                     int64_t n, int64_t C, int64_t inner, const float* mean, double* s1, double* s2) {
+  if (inner > 1) {
+    for (int64_t t = 0; t < steps; ++t) {
+      const T* g = dz + t * step_stride;
+      const T* x = y + t * step_stride;
+      channel_runs(p0, n, C, inner, [&](int64_t i, int64_t len, int64_t c) {
+        run_sums(g + i, x + i, len, mean[c], s1[c], s2[c]);
+      });
     }
-    for (int64_t j = 0; j < len; ++j) {
-      const float gj = load_float(dz, i + j);
-      s1[c + j] += gj;
-      s2[c + j] += gj * (load_float(y, i + j) - mean[c + j]);
+    return;
+  }
+  channel_runs(p0, n, C, 1, [&](int64_t i, int64_t len, int64_t c) {
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) {
+      const Floats m = load_lanes(mean + c + j);
+      Floats a1 = {}, a2 = {};
+      for (int64_t t = 0; t < steps; ++t) {
+        const Floats gl = load_lanes(dz + t * step_stride + i + j);
+        a1 += gl;
+        a2 += gl * (load_lanes(y + t * step_stride + i + j) - m);
+      }
+      add_lanes(s1 + c + j, a1);
+      add_lanes(s2 + c + j, a2);
+    }
+    for (; j < len; ++j) {
+      float a1 = 0.0f, a2 = 0.0f;
+      for (int64_t t = 0; t < steps; ++t) {
+        const float gj = load_float(dz, t * step_stride + i + j);
+        a1 += gj;
+        a2 += gj * (load_float(y, t * step_stride + i + j) - mean[c + j]);
+      }
+      s1[c + j] += a1;
+      s2[c + j] += a2;
     }
   });
 }
@@ -113,9 +146,9 @@ SPIKEOPS_BN_CLONES void input_grad(const T* dz, const T* y, int64_t u0, int64_t 
 }  // namespace
 
 template <typename T>
-void add_channel_sums(const T* dz, const T* y, int64_t p0, int64_t n, int64_t C, int64_t inner, const float* mean,
-                      double* s1, double* s2) {
-  channel_sums(dz, y, p0, n, C, inner, mean, s1, s2);
+void add_channel_sums(const T* dz, const T* y, int64_t steps, int64_t step_stride, int64_t p0, int64_t n, int64_t C,
+                      int64_t inner, const float* mean, double* s1, double* s2) {
+  channel_sums(dz, y, steps, step_stride, p0, n, C, inner, mean, s1, s2);
 }
 
 template <typename T>
@@ -143,10 +176,10 @@ void batch_norm_input_grad(const T* dz, const T* y, int64_t numel, int64_t C, in
   }
 }
 
-template void add_channel_sums<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
-                                      double*, double*);
-template void add_channel_sums<uint16_t>(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
-                                         const float*, double*, double*);
+template void add_channel_sums<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                      int64_t, const float*, double*, double*);
+template void add_channel_sums<uint16_t>(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                         int64_t, const float*, double*, double*);
 template void batch_norm_input_grad<float>(const float*, const float*, int64_t, int64_t, int64_t, const double*,
                                            const double*, const float*, const float*, const float*, float*, float*,
                                            float*);

@@ -6,8 +6,9 @@
 //   db_c = sum dz,   dw_c = invstd_c sum dz (y - mean_c),   k_c = invstd_c^2 sum dz (y - mean_c) / M
 //   dy   = (dz - db_c / M - (y - mean_c) k_c) invstd_c w_c
 //
-// ATen's formula (aten/src/ATen/native/batch_norm.cpp); the sums are fp32 lanes over a run of
-// positions and fp64 across runs, so the gradients differ from ATen's in rounding only.
+// ATen's formula (aten/src/ATen/native/batch_norm.cpp); the sums are fp32 over a run of positions
+// (inner > 1) or over a position's time steps (inner 1) and fp64 beyond, so the gradients differ
+// from ATen's in rounding only.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -36,15 +37,16 @@ inline __attribute__((always_inline)) void channel_runs(int64_t p0, int64_t n, i
 }
 
 // sums[0][c] += sum dz, sums[1][c] += sum dz (y - mean[c]) over n positions of y / dz [*, C, inner]
-// starting at position p0 of a row of C * inner (element i of the row is channel i / inner % C).
+// starting at position p0 of a row of C * inner (element i of the row is channel i / inner % C),
+// in each of `steps` arrays step_stride elements apart (the LIF's time steps).
 // T: float, or uint16_t for bf16 (float_staging.h's in_loop types).
 template <typename T>
-void add_channel_sums(const T* dz, const T* y, int64_t p0, int64_t n, int64_t C, int64_t inner, const float* mean,
-                      double* s1, double* s2);
-extern template void add_channel_sums<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t,
-                                             const float*, double*, double*);
+void add_channel_sums(const T* dz, const T* y, int64_t steps, int64_t step_stride, int64_t p0, int64_t n, int64_t C,
+                      int64_t inner, const float* mean, double* s1, double* s2);
+extern template void add_channel_sums<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                             int64_t, const float*, double*, double*);
 extern template void add_channel_sums<uint16_t>(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, int64_t,
-                                                const float*, double*, double*);
+                                                int64_t, int64_t, const float*, double*, double*);
 
 // dy (may be dz itself) and, where not null, dw, db [C] from the sums over the M = numel / C
 // positions: y, dz, dy numel values as [R, C, inner].
