@@ -290,8 +290,7 @@ typedef int32_t Ints8 __attribute__((vector_size(32)));
 typedef int16_t Shorts8 __attribute__((vector_size(16)));
 
 // Prefetches row n of the next step's q, k, v (next[3], rows of row_bytes) into L2, line by line
-// across the three (an order that A/B-timed 0.9x the time of each tensor's row in turn); nothing
-// for next = nullptr (the last step, or backward).
+// across the three; nothing for next = nullptr (the last step, or backward).
 inline __attribute__((always_inline)) void prefetch_rows(const char* const* next, int64_t n, int64_t row_bytes) {
   if (!next) return;
   const char* const row[3] = {next[0] + n * row_bytes, next[1] + n * row_bytes, next[2] + n * row_bytes};
