@@ -19,7 +19,7 @@ namespace cpu {
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_COUNTS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define SPIKEOPS_COUNTS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define SPIKEOPS_COUNTS_CLONES
 #endif

@@ -36,7 +36,7 @@ static inline __attribute__((always_inline)) float bf16_to_float(uint16_t h) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_STAGING_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define SPIKEOPS_STAGING_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define SPIKEOPS_STAGING_CLONES
 #endif
