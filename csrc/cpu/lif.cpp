@@ -30,7 +30,7 @@ constexpr int64_t kChunk = 512;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // x86-64-v4 (AVX-512 F, BW, DQ, VL), not AVX-512 F alone: with BW and VL GCC vectorises the bf16
-// loops' 16-bit lanes at full width (batch_norm_lif on bf16 0.92-0.95x the time, stop 25)
+// loops' 16-bit lanes at full width (batch_norm_lif on bf16 0.89-0.96x the time, stop 25)
 #define SPIKEOPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define SPIKEOPS_SIMD_CLONES
