@@ -43,8 +43,7 @@ inline __attribute__((always_inline)) void add_lanes(double* p, Floats v) {  // 
 }
 inline __attribute__((always_inline)) void store_lanes(float* p, Floats v) { __builtin_memcpy(p, &v, sizeof(v)); }
 inline __attribute__((always_inline)) void store_lanes(uint16_t* p, Floats v) {  // as float_to_bf16
-  const Words bits = v != v ? Words{} + 0x7FC0u : bf16_rounded(reinterpret_cast<Words>(v));
-  const Halves h = __builtin_convertvector(bits, Halves);
+  const Halves h = __builtin_convertvector(bf16_bits(v, reinterpret_cast<Words>(v)), Halves);
   __builtin_memcpy(p, &h, sizeof(h));
 }
 

@@ -22,10 +22,17 @@ static inline __attribute__((always_inline)) Bits bf16_rounded(Bits b) {
   return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
 }
 
+// float_to_bf16's result in the low 16 bits, for a float f with bits b (scalars, or GCC vectors of
+// floats and of uint32_t): NaN -> 0x7FC0, else bf16_rounded(b).
+template <typename F, typename Bits>
+static inline __attribute__((always_inline)) Bits bf16_bits(F f, Bits b) {
+  return f != f ? Bits{} + 0x7FC0u : bf16_rounded(b);
+}
+
 static inline __attribute__((always_inline)) uint16_t float_to_bf16(float f) {
   uint32_t b;
   __builtin_memcpy(&b, &f, sizeof(b));
-  return static_cast<uint16_t>(f != f ? 0x7FC0u : bf16_rounded(b));
+  return static_cast<uint16_t>(bf16_bits(f, b));
 }
 
 static inline __attribute__((always_inline)) float bf16_to_float(uint16_t h) {

@@ -412,11 +412,11 @@ __attribute__((target("avx2,bmi"))) void attention_neuron_rows_avx2(const uint64
 #define SPIKEOPS_AVX512_BITOPS __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vpopcntdq,gfni,bmi")))
 
 // transpose_rounds<32>(a) with AVX-512 VBMI and GFNI (a[i] bit j <-> a[j] bit i, all 64 words read
-// before the first is written): 8 x 8 blocks of bits are 8 x 8 blocks of bytes. (1) Within each vector of 8 rows, a byte
-// permute gathers byte j of the rows into word j (rows in reverse byte order); (2) GFNI's affine
-// transform with the matrix of the rows transposes each word's 8 x 8 bits (result byte k, bit i =
-// bit k of matrix byte 7 - i); (3) an 8 x 8 transpose of the words across the 8 vectors and (4) the
-// byte permute of (1) again put byte g of column c's word in place.
+// before the first is written): 8 x 8 blocks of bits are 8 x 8 blocks of bytes. (1) Within each
+// vector of 8 rows, a byte permute gathers byte j of the rows into word j (rows in reverse byte
+// order); (2) GFNI's affine transform with the matrix of the rows transposes each word's 8 x 8
+// bits (result byte k, bit i = bit k of matrix byte 7 - i); (3) an 8 x 8 transpose of the words
+// across the 8 vectors and (4) the byte permute of (1) again put byte g of column c's word in place.
 SPIKEOPS_AVX512_BITOPS inline void transpose64_avx512(uint64_t* a) {
   alignas(64) static constexpr uint8_t kGather[64] = {  // out byte 8 j + 7 - k = in byte 8 k + j
       56, 48, 40, 32, 24, 16, 8, 0, 57, 49, 41, 33, 25, 17, 9, 1, 58, 50, 42, 34, 26, 18, 10, 2,
