@@ -99,8 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> token_attention_cf_forward(
 std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
     const at::Tensor& grad_out, const at::Tensor& k_words, const at::Tensor& h, double v_threshold, double tau);
 
-// csrc/cpu/max_pool.cpp: max pooling of [N, C, H, W] (dilation 1, floor output size); the backward
-// finds the argmax itself (ATen's tie-break), for gradients equal to max_pool2d_with_indices_backward's.
+// csrc/cpu/max_pool.cpp: max pooling of [N, C, H, W], contiguous or channels-last (dilation 1, floor
+// output size); the backward finds the argmax itself (ATen's tie-break), for gradients equal to
+// max_pool2d_with_indices_backward's.
 at::Tensor max_pool2d_forward(const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
                               int64_t pW);
 at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH,

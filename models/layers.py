@@ -70,6 +70,20 @@ class TokenHead(nn.Module):
         return self.fc(x.mean(dim=(0, 2)))
 
 
+def channels_last_frames(x: torch.Tensor) -> torch.Tensor:
+    """Frames ``[T, B, C, H, W]``, each laid out channels-last (C innermost) on CPU; as they are elsewhere.
+
+    On CPU oneDNN runs these convolutions in NHWC (bf16 always): with NCHW tensors every convolution
+    copies its input, its output and, in backward, their gradients between the two layouts. The
+    layers after a channels-last convolution keep its layout (BatchNorm+LIF, max pooling, the
+    residual sum), so the whole stem runs without those copies. Not on CUDA: there the fused
+    BatchNorm+LIF takes channels-last input through the two modules only (see
+    :func:`spikeops.ops.batch_norm_lif.batch_norm_lif`)."""
+    if x.device.type != "cpu":
+        return x
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+
+
 def time_major_images(x: torch.Tensor, T: int, in_channels: int, grid: int, where: str) -> torch.Tensor:
     """Images ``[B, C, H, W]`` (repeated T times) or event frames ``[T', B, C, H, W]`` -> ``[T, B, C, H, W]``.
 

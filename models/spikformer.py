@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import spikeops.nn as snn
-from spikeops.models.layers import ConvBNLIF2d, SpikformerBlock, TokenHead, check_config, time_major_images
+from spikeops.models.layers import (ConvBNLIF2d, SpikformerBlock, TokenHead, channels_last_frames, check_config,
+                                    time_major_images)
 from spikeops.models.registry import register_model
 from spikeops.ops.known_counts import add_counts, same_counts
 
@@ -34,6 +35,7 @@ class SpikingPatchSplitting(nn.Module):
         self.rpe = ConvBNLIF2d(dim, dim, 3, 1, 1, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = channels_last_frames(x)
         for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.pool_after:

@@ -10,7 +10,7 @@ C = pytest.importorskip("spikeops._C", reason="the C++ extension is not built (m
 
 # (kernel, stride, padding): the Spikformer / MSViT pooling (3, 2, 1) and others with clipped windows
 GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2), (1, 1, 0), (2, 1, 1), (4, 3, 1)]
-SHAPES = [(2, 3, 7, 9), (1, 2, 8, 8), (1, 1, 1, 5), (3, 1, 5, 1)]
+SHAPES = [(2, 3, 7, 9), (1, 2, 8, 8), (1, 1, 1, 5), (3, 1, 5, 1), (2, 37, 6, 5)]  # 37 channels: vector tails
 
 
 def values(shape, dtype, seed=0):
@@ -31,15 +31,30 @@ def aten(x, args, grad):
 @pytest.mark.parametrize("geometry,shape", [(g, s) for g in GEOMETRIES for s in SHAPES
                                             if min(s[2:]) + 2 * g[2] >= g[0]])  # the padded input holds a window
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpp_kernels_equal_aten(geometry, shape, dtype):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cpp_kernels_equal_aten(geometry, shape, dtype, layout):
     k, s, p = geometry
-    x = values(shape, dtype)
+    x = values(shape, dtype).contiguous(memory_format=layout)
     args = ((k, k), (s, s), (p, p), (1, 1), False)
     out = C.max_pool2d_forward(x, k, k, s, s, p, p)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).contiguous(memory_format=layout)
     expected, expected_grad = aten(x, args, grad)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(C.max_pool2d_backward(grad, x, k, k, s, s, p, p), expected_grad)
+    grad_in = C.max_pool2d_backward(grad, x, k, k, s, s, p, p)
+    assert torch.equal(grad_in, expected_grad)
+    assert out.is_contiguous(memory_format=layout) and grad_in.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_channels_last_spikes_equal_aten(dtype):
+    """The Spikformer stem's case: ties in nearly every window, some windows without a spike."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.rand(3, 70, 9, 8, generator=g) < 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
+    args = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+    out = max_pool2d(x, args)
+    grad = torch.randn(out.shape, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    expected, expected_grad = aten(x, args, grad)
+    assert torch.equal(out, expected) and torch.equal(max_pool2d_backward(grad, x, args), expected_grad)
 
 
 def test_rectangular_windows_equal_aten():
@@ -52,12 +67,12 @@ def test_rectangular_windows_equal_aten():
     assert torch.equal(max_pool2d_backward(grad, x, args), expected_grad)
 
 
-@pytest.mark.parametrize("case", ["ceil_mode", "dilation", "channels_last", "float64", "non_contiguous_grad"])
+@pytest.mark.parametrize("case", ["ceil_mode", "dilation", "other_strides", "float64", "non_contiguous_grad"])
 def test_calls_the_kernels_do_not_cover_equal_aten(case):
     x = values((2, 4, 9, 9), torch.float64 if case == "float64" else torch.float32, seed=4)
     args = ((3, 3), (2, 2), (1, 1), (2, 2) if case == "dilation" else (1, 1), case == "ceil_mode")
-    if case == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+    if case == "other_strides":  # neither contiguous nor channels-last
+        x = x.transpose(2, 3)
     expected_out, _ = torch.ops.aten.max_pool2d_with_indices(x, *args)
     grad = torch.randn(expected_out.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
     if case == "non_contiguous_grad":
@@ -69,8 +84,11 @@ def test_calls_the_kernels_do_not_cover_equal_aten(case):
 
 def test_kernels_reject_what_they_do_not_cover():
     x = torch.zeros(1, 1, 4, 4)
-    with pytest.raises(RuntimeError, match="contiguous"):
+    with pytest.raises(RuntimeError, match="contiguous or channels-last"):
         C.max_pool2d_forward(x.transpose(2, 3), 3, 3, 2, 2, 1, 1)
+    with pytest.raises(RuntimeError, match="channels-last"):  # grad_out in the other layout than the input's
+        x_cl = torch.zeros(1, 2, 4, 4).contiguous(memory_format=torch.channels_last)
+        C.max_pool2d_backward(torch.zeros(1, 2, 2, 2), x_cl, 3, 3, 2, 2, 1, 1)
     with pytest.raises(RuntimeError, match="padding"):
         C.max_pool2d_forward(x, 2, 2, 1, 1, 2, 2)
     with pytest.raises(RuntimeError, match="grad_out"):

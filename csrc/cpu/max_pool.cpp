@@ -15,6 +15,13 @@
 // int64 words, as spikeops.ops.compact saves a layer's contiguous spike input): the argmax is the
 // first set bit of the window in row-major order, or its first position when it has none.
 //
+// Channels-last input ([N, C, H, W] with C innermost in memory, as a channels-last stem makes it):
+// the same outputs and gradients, each window's pixels scanned in row-major order with the channels
+// of a pixel as vector lanes (fp32 and bf16 loops compiled for AVX-512, AVX2 and baseline x86-64).
+// The backward takes the input's values (a layer saving channels-last spikes as bits unpacks them:
+// that takes ~1/10 of this backward). Threads split the images in the backward (windows overlap),
+// the images' output rows in the forward.
+//
 // Forward: separable. Per output row, the max over the window's rows is taken for the whole input
 // row (contiguous, vectorised), then over each window's columns. The values are the window's
 // maximum either way (only the sign of a zero maximum may differ from ATen's first-in-scan-order
@@ -28,6 +35,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -48,8 +56,11 @@ struct Window {
 template <typename T>
 inline bool replaces(T val, T maxval) { return val > maxval || std::isnan(val); }
 
-void check_input(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), op, ": input must be a contiguous [N, C, H, W] tensor");
+// Whether x is laid out channels-last (else contiguous NCHW); anything else is refused.
+bool channels_last(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)), op,
+              ": input must be a contiguous or channels-last [N, C, H, W] tensor");
+  return !x.is_contiguous();
 }
 
 // The row and column windows of an H x W input, after checking the geometry.
@@ -61,10 +72,137 @@ std::pair<Window, Window> windows(const char* op, int64_t H, int64_t W, int64_t 
   return {Window{kH, sH, pH, H, (H + 2 * pH - kH) / sH + 1}, Window{kW, sW, pW, W, (W + 2 * pW - kW) / sW + 1}};
 }
 
-void check_grad_out(const char* op, const at::Tensor& g, int64_t N, int64_t C, const Window& R, const Window& Cw) {
-  TORCH_CHECK(g.dim() == 4 && g.is_contiguous() && g.size(0) == N && g.size(1) == C && g.size(2) == R.out &&
+void check_grad_out(const char* op, const at::Tensor& g, int64_t N, int64_t C, const Window& R, const Window& Cw,
+                    bool nhwc = false) {
+  const auto format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(g.dim() == 4 && g.is_contiguous(format) && g.size(0) == N && g.size(1) == C && g.size(2) == R.out &&
                   g.size(3) == Cw.out,
-              op, ": grad_out must be a contiguous [", N, ", ", C, ", ", R.out, ", ", Cw.out, "] tensor (the output's shape)");
+              op, ": grad_out must be a ", nhwc ? "channels-last" : "contiguous", " [", N, ", ", C, ", ", R.out, ", ",
+              Cw.out, "] tensor (the output's shape and the input's layout)");
+}
+
+// The input pixels (iy * W + ix) of output (oy, ox)'s window in row-major order; returns how many.
+inline int window_pixels(const Window& R, const Window& Cw, int64_t oy, int64_t ox, std::vector<int64_t>& pixels) {
+  pixels.clear();
+  for (int64_t iy = R.begin(oy); iy < R.end(oy); ++iy)
+    for (int64_t ix = Cw.begin(ox); ix < Cw.end(ox); ++ix) pixels.push_back(iy * Cw.in + ix);
+  return static_cast<int>(pixels.size());
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPIKEOPS_POOL_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define SPIKEOPS_POOL_CLONES
+#endif
+
+// The channels-last loops take E: float, uint16_t (bf16 bits, float_staging.h), c10::Half or
+// double, and compute in A: float, or double for double (the maximum is one of the inputs: exact).
+template <typename E>
+using acc_of = std::conditional_t<std::is_same_v<E, double>, double, float>;
+inline float load_acc(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline double load_acc(const double* p, int64_t i) { return p[i]; }
+inline float load_acc(const float* p, int64_t i) { return load_float(p, i); }
+inline float load_acc(const uint16_t* p, int64_t i) { return load_float(p, i); }
+inline void store_acc(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void store_acc(double* p, int64_t i, double v) { p[i] = v; }
+inline void store_acc(float* p, int64_t i, float v) { store_float(p, i, v); }
+inline void store_acc(uint16_t* p, int64_t i, float v) { store_float(p, i, v); }
+
+// dst[c] = the maximum over the window's pixels of image[pixel, c] (ATen's running maximum).
+template <typename E>
+SPIKEOPS_POOL_CLONES void window_max(const E* image, const int64_t* pixels, int count, int64_t C,
+                                     acc_of<E>* best, E* dst) {
+  for (int64_t c = 0; c < C; ++c) best[c] = load_acc(image + pixels[0] * C, c);
+  for (int j = 1; j < count; ++j) {
+    const E* px = image + pixels[j] * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_of<E> v = load_acc(px, c);
+      best[c] = replaces(v, best[c]) ? v : best[c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) store_acc(dst, c, best[c]);
+}
+
+// arg[c] = the index into pixels of channel c's argmax over the window (ATen's: the first maximum,
+// NaN wins; from -inf, so the first pixel when none is greater).
+template <typename E>
+SPIKEOPS_POOL_CLONES void window_argmax(const E* image, const int64_t* pixels, int count, int64_t C,
+                                        acc_of<E>* best, int32_t* arg) {
+  for (int64_t c = 0; c < C; ++c) best[c] = -std::numeric_limits<acc_of<E>>::infinity(), arg[c] = 0;
+  for (int j = 0; j < count; ++j) {
+    const E* px = image + pixels[j] * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_of<E> v = load_acc(px, c);
+      const bool take = replaces(v, best[c]);
+      best[c] = take ? v : best[c];
+      arg[c] = take ? j : arg[c];
+    }
+  }
+}
+
+// grad[pixels[j], c] += g[c] where arg[c] == j, rounded to E after the add as ATen's backward
+// rounds. Pixel by pixel over all channels with a select: the other lanes are stored back unchanged
+// (a gradient sum is never -0., so adding nothing and adding 0. agree; the select keeps it exact).
+template <typename E>
+SPIKEOPS_POOL_CLONES void add_at_argmax(E* grad, const int64_t* pixels, int count, int64_t C, const int32_t* arg,
+                                        const E* g) {
+  for (int j = 0; j < count; ++j) {
+    E* dst = grad + pixels[j] * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_of<E> d = load_acc(dst, c);
+      store_acc(dst, c, arg[c] == j ? d + load_acc(g, c) : d);
+    }
+  }
+}
+
+// E for a dispatched scalar_t: bf16 as its bits.
+template <typename scalar_t>
+using pool_elem_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, uint16_t, scalar_t>;
+template <typename scalar_t>
+pool_elem_t<scalar_t>* pool_elems(scalar_t* p) { return reinterpret_cast<pool_elem_t<scalar_t>*>(p); }
+template <typename scalar_t>
+const pool_elem_t<scalar_t>* pool_elems(const scalar_t* p) {
+  return reinterpret_cast<const pool_elem_t<scalar_t>*>(p);
+}
+
+// Channels-last forward: out [N, H_out, W_out, C] from x [N, H, W, C].
+template <typename E>
+void max_pool_nhwc(const E* x, E* out, int64_t N, int64_t C, const Window R, const Window Cw) {
+  at::parallel_for(0, N * R.out, 1, [&](int64_t r0, int64_t r1) {  // (image, output row)
+    std::vector<acc_of<E>> best(C);
+    std::vector<int64_t> pixels;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / R.out, oy = r % R.out;
+      for (int64_t ox = 0; ox < Cw.out; ++ox) {
+        const int count = window_pixels(R, Cw, oy, ox, pixels);
+        window_max(x + n * R.in * Cw.in * C, pixels.data(), count, C, best.data(), out + (r * Cw.out + ox) * C);
+      }
+    }
+  });
+}
+
+// Channels-last backward: grad_in [N, H, W, C] zeroed an image at a time, then, for each output
+// pixel in order, each channel's gradient added at its argmax: each element gets one add per
+// output whose argmax it is, in output order, as ATen adds.
+template <typename E>
+void max_pool_backward_nhwc(const E* g, const E* x, E* gi, int64_t N, int64_t C, const Window R, const Window Cw) {
+  const int64_t HW = R.in * Cw.in;
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<int64_t> pixels;
+    std::vector<acc_of<E>> best(C);
+    std::vector<int32_t> arg(C);
+    for (int64_t n = n0; n < n1; ++n) {
+      E* image_grad = gi + n * HW * C;
+      std::memset(static_cast<void*>(image_grad), 0, HW * C * sizeof(E));  // all-zero bits: +0 in every float type
+      for (int64_t oy = 0; oy < R.out; ++oy) {
+        for (int64_t ox = 0; ox < Cw.out; ++ox) {
+          const int count = window_pixels(R, Cw, oy, ox, pixels);
+          window_argmax(x + n * HW * C, pixels.data(), count, C, best.data(), arg.data());
+          add_at_argmax(image_grad, pixels.data(), count, C, arg.data(), g + ((n * R.out + oy) * Cw.out + ox) * C);
+        }
+      }
+    }
+  });
 }
 
 // Both backwards: grad_in [planes, H, W] zeroed a plane at a time (while it is in cache), then
@@ -179,11 +317,19 @@ bool scatter_to_argmax_small_if(const uint64_t* bits, const scalar_t* g, scalar_
 
 at::Tensor max_pool2d_forward(const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH, int64_t sW, int64_t pH,
                               int64_t pW) {
-  check_input("max_pool2d_forward", x);
+  const bool nhwc = channels_last("max_pool2d_forward", x);
   const std::pair<Window, Window> rc = windows("max_pool2d_forward", x.size(2), x.size(3), kH, kW, sH, sW, pH, pW);
   const Window R = rc.first, Cw = rc.second;
   const int64_t planes = x.size(0) * x.size(1), H = R.in, W = Cw.in;
-  auto out = at::empty({x.size(0), x.size(1), R.out, Cw.out}, x.options());
+  auto out = at::empty({x.size(0), x.size(1), R.out, Cw.out},
+                       x.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  if (nhwc) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_forward", [&] {
+      max_pool_nhwc(pool_elems(x.const_data_ptr<scalar_t>()), pool_elems(out.mutable_data_ptr<scalar_t>()), x.size(0),
+                    x.size(1), R, Cw);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // float for fp16 / bf16: exact, the maximum is an input
     const scalar_t* in = x.const_data_ptr<scalar_t>();
@@ -219,13 +365,20 @@ at::Tensor max_pool2d_forward(const at::Tensor& x, int64_t kH, int64_t kW, int64
 
 at::Tensor max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& x, int64_t kH, int64_t kW, int64_t sH,
                                int64_t sW, int64_t pH, int64_t pW) {
-  check_input("max_pool2d_backward", x);
+  const bool nhwc = channels_last("max_pool2d_backward", x);
   const std::pair<Window, Window> rc = windows("max_pool2d_backward", x.size(2), x.size(3), kH, kW, sH, sW, pH, pW);
   const Window R = rc.first, Cw = rc.second;
-  check_grad_out("max_pool2d_backward", grad_out, x.size(0), x.size(1), R, Cw);
+  check_grad_out("max_pool2d_backward", grad_out, x.size(0), x.size(1), R, Cw, nhwc);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "max_pool2d_backward: grad_out must have the input's dtype");
   const int64_t H = R.in, W = Cw.in;
-  auto grad_in = at::empty_like(x);
+  auto grad_in = at::empty_like(x);  // (x's layout)
+  if (nhwc) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_backward", [&] {
+      max_pool_backward_nhwc(pool_elems(grad_out.const_data_ptr<scalar_t>()), pool_elems(x.const_data_ptr<scalar_t>()),
+                             pool_elems(grad_in.mutable_data_ptr<scalar_t>()), x.size(0), x.size(1), R, Cw);
+    });
+    return grad_in;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = x.const_data_ptr<scalar_t>();

@@ -22,6 +22,9 @@ backward reads them twice (one layer's forward+backward: 0.81-0.99x the time, BE
 of the two layers called in turn up to rounding (tests: within twice ATen's own error of the float64
 result); everywhere else bit for bit.
 
+On CPU, channels-last ``Y`` ``[T*B, C, H, W]`` runs fused as its ``[T*B*H*W, C]`` view (ATen's
+BatchNorm computes the same on both) and the spikes come back channels-last.
+
 Running statistics are updated exactly as ``nn.BatchNorm*d`` updates them (momentum, or the
 cumulative average for ``momentum=None``).
 """
@@ -164,7 +167,9 @@ def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn
     """``lif(bn(y).view(T, ...)).view(y.shape)`` keeping only ``y`` for backward (see module doc).
 
     Args:
-        y: ``[T*B, C, ...]`` or ``[T*B*N, C]`` (time-major: the first T-th of the rows is t = 0).
+        y: ``[T*B, C, ...]`` or ``[T*B*N, C]`` (time-major: the first T-th of the rows is t = 0),
+            contiguous; on CPU also channels-last ``[T*B, C, H, W]`` (the spikes are returned
+            channels-last too). Other layouts run the two modules in turn.
         bn: the ``nn.BatchNorm1d``/``2d`` whose parameters and running statistics are used/updated.
         lif: a :class:`spikeops.nn.LIF` (its settings; fp32 state only); any other neuron module
             (e.g. SpikingJelly's LIFNode) is called as is.
@@ -195,10 +200,31 @@ def batch_norm_lif(y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: nn
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or (bn.weight is not None and bn.weight.requires_grad))
     chosen = _backend.resolve(y, lif.backend) if isinstance(lif, LIF) else "torch"  # e.g. a SpikingJelly LIFNode
     plain_bn = type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # e.g. not MaskedBatchNorm2d
+    rows = None if y.is_contiguous() else _channels_last_rows(y)
+    laid_out = y.is_contiguous() or rows is not None
     if not needs_grad or not plain_bn or chosen == "torch" or torch.compiler.is_compiling() or \
-            lif.state_dtype != torch.float32 or y.dtype not in FUSED_DTYPES or not y.is_contiguous():
+            lif.state_dtype != torch.float32 or y.dtype not in FUSED_DTYPES or not laid_out:
         z = bn(y)
         return lif(z.view(T, z.shape[0] // T, *z.shape[1:])).view(z.shape)
+    if rows is not None:  # [T*B*H*W, C] spikes -> y's shape and channels-last layout
+        spikes = _fused_apply(rows, bn, lif, T, chosen)
+        return mark_counts(spikes.view(y.shape[0], *y.shape[2:], y.shape[1]).movedim(-1, 1))
+    return _fused_apply(y, bn, lif, T, chosen)
+
+
+def _channels_last_rows(y: torch.Tensor):
+    """The ``[T*B*H*W, C]`` view of a channels-last CPU ``y`` ``[T*B, C, H, W]`` (C innermost in
+    memory), else None. On CPU, ATen's BatchNorm computes the same statistics and output, bit for
+    bit, on that view as on ``y`` (both take its channels-last kernels), and the fused kernels take
+    it as their ``[rows, C]`` layout. (On CUDA the view would switch cuDNN's BatchNorm for ATen's.)"""
+    if y.device.type != "cpu" or y.dim() != 4 or not y.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
+
+def _fused_apply(y, bn, lif, T, chosen):
+    """The fused path of :func:`batch_norm_lif` on a contiguous ``y``: nn.BatchNorm's bookkeeping,
+    then :class:`_BatchNormLIF`."""
     factor = 0.0 if bn.momentum is None else bn.momentum  # nn.BatchNorm's bookkeeping
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
