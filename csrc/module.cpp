@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lif_backward", &spikeops::cpu::lif_backward, "fused multi-step LIF backward");
   m.def("lif_backward_from_input", &spikeops::cpu::lif_backward_from_input,
         "fused multi-step LIF backward, the state recomputed from the forward's input");
+  m.def("lif_forward_from_bn_input", &spikeops::cpu::lif_forward_from_bn_input,
+        "fused multi-step LIF forward on a training-mode BatchNorm's output, computed from its input");
   m.def("lif_backward_from_bn_input", &spikeops::cpu::lif_backward_from_bn_input,
         "fused multi-step LIF backward, its input recomputed from a training-mode BatchNorm's input");
   m.def("lif_backward_through_bn", &spikeops::cpu::lif_backward_through_bn,

@@ -40,6 +40,12 @@ at::Tensor lif_backward_from_bn_input(
     const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias, int64_t inner, double tau, double v_threshold,
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha);
+// The forward on BatchNorm's output computed from its input y [T, M] as above (training-mode batch
+// statistics mean, invstd): the spikes [T, M] in y's dtype, no state; Z is never written.
+at::Tensor lif_forward_from_bn_input(
+    const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+    const at::Tensor& bias, int64_t inner, double tau, double v_threshold, double v_reset, bool hard_reset,
+    bool decay_input);
 
 // The backward of LIF(BatchNorm(y)) in training mode through both layers: lif_backward_from_bn_input's
 // dL/dZ, with BatchNorm's channel sums taken from it chunk by chunk, then BatchNorm's backward

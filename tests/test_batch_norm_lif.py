@@ -202,6 +202,41 @@ def test_cpp_backward_computes_the_batch_norm_output_as_aten_does(dtype, shape, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape,affine", SHAPES_AS_ATEN_LAYS_THEM)
+def test_cpp_forward_computes_the_batch_statistics_and_output_as_aten_does(dtype, shape, affine):
+    """Training on the C++ backend, the forward takes ATen's statistics without its output pass and
+    computes BN(y) inside the LIF kernel: the same batch statistics, running statistics and spikes,
+    bit for bit, as ATen's BatchNorm followed by the LIF kernel."""
+    pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
+    from spikeops import backend
+    from spikeops.ops import batch_norm_lif as module
+    assert module._kernel_forward_matches_aten(dtype), "this torch's BatchNorm differs (kernel path off)"
+    y, grad, _, _, weight, bias, lif_args = bn_case(dtype, shape, affine)
+    g = torch.Generator().manual_seed(3)
+    running = torch.randn(shape[1], generator=g), torch.rand(shape[1], generator=g) + 0.5
+    aten_running, ours_running = [r.clone() for r in running], [r.clone() for r in running]
+    with torch.no_grad():
+        z, mean, invstd, _, _ = module._batch_norm(y, weight, bias, *aten_running, True, 0.1, 1e-5)
+    mean2, invstd2 = module._batch_stats(y, *ours_running, 0.1, 1e-5)
+    assert torch.equal(mean2, mean) and torch.equal(invstd2, invstd)
+    assert all(torch.equal(a, b) for a, b in zip(ours_running, aten_running))
+    expected, _ = backend.kernel("lif", "lif_forward", "cpp")(z.view(grad.shape), *lif_args[:5], False, False)
+    inner = y[0, 0].numel()
+    spikes = module._lif_forward_from_bn_input(y.view(grad.shape), mean2, invstd2, weight, bias, inner, lif_args)
+    assert torch.equal(spikes, expected) and 0 < spikes.sum() < spikes.numel()
+
+
+def test_cpp_training_forward_runs_no_batch_norm_output_pass():
+    pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
+    bn, lif = modules("bn2d", 6, "cpp")
+    y = inputs("bn2d", SHAPES["bn2d"]).requires_grad_()
+    with torch.profiler.profile() as prof:
+        batch_norm_lif(y, bn, lif, T=4)
+    ops = {e.name for e in prof.events()}
+    assert "aten::batch_norm_update_stats" in ops and "aten::native_batch_norm" not in ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,affine", SHAPES_AS_ATEN_LAYS_THEM)
 def test_cpp_backward_through_batch_norm_is_atens_up_to_rounding(dtype, shape, affine, monkeypatch):
     """The C++ backend's one call through LIF and BatchNorm in training mode (lif_backward_through_bn:
     BatchNorm's channel sums taken from dL/dZ chunk by chunk, ATen's formula): dL/dy, dL/dweight and

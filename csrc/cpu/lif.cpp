@@ -66,28 +66,42 @@ SPIKEOPS_STEP_FORWARD(float)
 SPIKEOPS_STEP_FORWARD(uint16_t)
 #undef SPIKEOPS_STEP_FORWARD
 
-// A forward step for the backward: d = H - v_threshold (lif_distance, as load_state makes it from
-// a saved H) instead of the spikes and H. x(i) is the step's input of neuron i (Stored or
-// BatchNormed below).
-template <bool kHard, bool kDecayInput, typename Input>
-static inline __attribute__((always_inline)) void step_distance_impl(
-    Input x, float* __restrict v, float* __restrict d, int64_t n, LifConsts c) {
+// A forward step of n neurons from their input x(i) (Stored or BatchNormed below) that hands each
+// neuron's H and spike to out(i, H, fire) (Distances or Spikes below) instead of writing both.
+template <bool kHard, bool kDecayInput, typename Input, typename Out>
+static inline __attribute__((always_inline)) void step_impl(Input x, Out out, float* __restrict v, int64_t n,
+                                                            LifConsts c) {
   for (int64_t i = 0; i < n; ++i) {
     const float hi = lif_charge<kDecayInput>(v[i], x(i), c);
-    d[i] = lif_distance(hi, c);
-    v[i] = lif_reset<kHard>(hi, lif_fire(hi, c), c);
+    const bool fire = lif_fire(hi, c);
+    out(i, hi, fire);
+    v[i] = lif_reset<kHard>(hi, fire, c);
   }
 }
 
-template <typename Input>
-static inline __attribute__((always_inline)) void step_distance_any(Input x, float* v, float* d, int64_t n, LifConsts c,
-                                                                     bool hard, bool decay_input) {
+template <typename Input, typename Out>
+static inline __attribute__((always_inline)) void step_any(Input x, Out out, float* v, int64_t n, LifConsts c,
+                                                           bool hard, bool decay_input) {
   if (hard) {
-    decay_input ? step_distance_impl<true, true>(x, v, d, n, c) : step_distance_impl<true, false>(x, v, d, n, c);
+    decay_input ? step_impl<true, true>(x, out, v, n, c) : step_impl<true, false>(x, out, v, n, c);
   } else {
-    decay_input ? step_distance_impl<false, true>(x, v, d, n, c) : step_distance_impl<false, false>(x, v, d, n, c);
+    decay_input ? step_impl<false, true>(x, out, v, n, c) : step_impl<false, false>(x, out, v, n, c);
   }
 }
+
+// For the backward: d = H - v_threshold (lif_distance, as load_state makes it from a saved H).
+struct Distances {
+  float* __restrict d;
+  LifConsts c;
+  __attribute__((always_inline)) void operator()(int64_t i, float h, bool) const { d[i] = lif_distance(h, c); }
+};
+
+// The spikes alone (fp32 or bf16, E = float / uint16_t): lif_forward_from_bn_input keeps no state.
+template <typename E>
+struct Spikes {
+  E* __restrict s;
+  __attribute__((always_inline)) void operator()(int64_t i, float, bool fire) const { store_spike(s, i, fire); }
+};
 
 // The input as stored (fp32 or bf16, E = float / uint16_t).
 template <typename E>
@@ -117,35 +131,37 @@ struct BatchNormed {
 #define SPIKEOPS_STEP_DISTANCE(E)                                                                        \
   SPIKEOPS_SIMD_CLONES                                                                                   \
   void step_distance(const E* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) { \
-    step_distance_any(Stored<E>{x}, v, d, n, c, hard, decay_input);                                      \
+    step_any(Stored<E>{x}, Distances{d, c}, v, n, c, hard, decay_input);                                 \
   }
 SPIKEOPS_STEP_DISTANCE(float)
 SPIKEOPS_STEP_DISTANCE(uint16_t)
 #undef SPIKEOPS_STEP_DISTANCE
 
-// step_distance on BatchNorm's output (BatchNormed). The FMA needs its own set of targets (an AVX2
-// clone without FMA would call libm's fmaf for every element): AVX-512, AVX2 + FMA, and baseline
-// x86-64 (libm's fmaf), picked at run time.
-#define SPIKEOPS_STEP_DISTANCE_BN(NAME, TARGET, E)                                                       \
-  TARGET void NAME(const E* y, const float* a, const float* b, float* v, float* d, int64_t n, LifConsts c, \
-                   bool hard, bool decay_input) {                                                        \
-    step_distance_any(BatchNormed<E>{y, a, b}, v, d, n, c, hard, decay_input);                           \
+// A step on BatchNorm's output (BatchNormed): the spikes alone into s when s is given, else
+// step_distance's d. The FMA needs its own set of targets (an AVX2 clone without FMA would call
+// libm's fmaf for every element): AVX-512, AVX2 + FMA, and baseline x86-64 (libm's fmaf), picked at
+// run time.
+#define SPIKEOPS_STEP_BN(NAME, TARGET, E)                                                                \
+  TARGET void NAME(const E* y, const float* a, const float* b, float* v, float* d, E* s, int64_t n,       \
+                   LifConsts c, bool hard, bool decay_input) {                                           \
+    if (s) step_any(BatchNormed<E>{y, a, b}, Spikes<E>{s}, v, n, c, hard, decay_input);                 \
+    else step_any(BatchNormed<E>{y, a, b}, Distances{d, c}, v, n, c, hard, decay_input);                \
   }
-#define SPIKEOPS_STEP_DISTANCE_BN_ALL(E)                                                                 \
-  SPIKEOPS_STEP_DISTANCE_BN(step_distance_bn_avx512, __attribute__((target("avx512f,avx512bw"))), E)    \
-  SPIKEOPS_STEP_DISTANCE_BN(step_distance_bn_avx2, __attribute__((target("avx2,fma"))), E)               \
-  SPIKEOPS_STEP_DISTANCE_BN(step_distance_bn_default, , E)                                               \
-  void step_distance_bn(const E* y, const float* a, const float* b, float* v, float* d, int64_t n, LifConsts c, \
-                        bool hard, bool decay_input) {                                                   \
+#define SPIKEOPS_STEP_BN_ALL(E)                                                                          \
+  SPIKEOPS_STEP_BN(step_bn_avx512, __attribute__((target("avx512f,avx512bw"))), E)                       \
+  SPIKEOPS_STEP_BN(step_bn_avx2, __attribute__((target("avx2,fma"))), E)                                 \
+  SPIKEOPS_STEP_BN(step_bn_default, , E)                                                                 \
+  void step_bn(const E* y, const float* a, const float* b, float* v, float* d, E* s, int64_t n, LifConsts c, \
+               bool hard, bool decay_input) {                                                            \
     static const bool fma = __builtin_cpu_supports("fma");                                               \
-    if (avx512_enabled()) step_distance_bn_avx512(y, a, b, v, d, n, c, hard, decay_input);               \
-    else if (avx2_enabled() && fma) step_distance_bn_avx2(y, a, b, v, d, n, c, hard, decay_input);       \
-    else step_distance_bn_default(y, a, b, v, d, n, c, hard, decay_input);                               \
+    if (avx512_enabled()) step_bn_avx512(y, a, b, v, d, s, n, c, hard, decay_input);                     \
+    else if (avx2_enabled() && fma) step_bn_avx2(y, a, b, v, d, s, n, c, hard, decay_input);             \
+    else step_bn_default(y, a, b, v, d, s, n, c, hard, decay_input);                                     \
   }
-SPIKEOPS_STEP_DISTANCE_BN_ALL(float)
-SPIKEOPS_STEP_DISTANCE_BN_ALL(uint16_t)
-#undef SPIKEOPS_STEP_DISTANCE_BN_ALL
-#undef SPIKEOPS_STEP_DISTANCE_BN
+SPIKEOPS_STEP_BN_ALL(float)
+SPIKEOPS_STEP_BN_ALL(uint16_t)
+#undef SPIKEOPS_STEP_BN_ALL
+#undef SPIKEOPS_STEP_BN
 
 // d: H - v_threshold (lif_distance); gs and gx fp32 or bf16 (E). The surrogate gets a loop of its
 // own: fused into the loop below, GCC does not vectorise it.
@@ -288,6 +304,21 @@ void backward_recomputing(const scalar_t* gsp, scalar_t* gxp, int64_t T, int64_t
   });
 }
 
+// BatchNorm's alpha and beta (scale, shift [C]) of the n neurons from c0 into a, sh: element i of a
+// row is channel i / inner % C.
+void chunk_affine(int64_t c0, int64_t n, int64_t inner, const std::vector<float>& scale,
+                  const std::vector<float>& shift, float* a, float* sh) {
+  channel_runs(c0, n, static_cast<int64_t>(scale.size()), inner, [&](int64_t i, int64_t len, int64_t c) {
+    if (inner == 1) {  // [rows, C]: consecutive channels
+      std::copy(scale.data() + c, scale.data() + c + len, a + i);
+      std::copy(shift.data() + c, shift.data() + c + len, sh + i);
+    } else {
+      std::fill(a + i, a + i + len, scale[c]);
+      std::fill(sh + i, sh + i + len, shift[c]);
+    }
+  });
+}
+
 // lif_backward_from_bn_input's work for fp32 / bf16 y [T, M]: per chunk of neurons, their BatchNorm
 // alpha and beta (element i of a row is channel i / inner % C), then the forward steps on Z = BN(y).
 // With sums (lif_backward_through_bn): also BatchNorm's channel sums of dL/dZ (batch_norm.h) from
@@ -306,20 +337,13 @@ void bn_backward_chunks(const at::Tensor& grad_spikes, const at::Tensor& y, cons
   };
   auto forward_steps = [&](int64_t c0, int64_t n, float* v, float* d) {
     float a[kChunk], sh[kChunk];
-    channel_runs(c0, n, C, inner, [&](int64_t i, int64_t len, int64_t c) {
-      if (inner == 1) {  // [rows, C]: consecutive channels
-        std::copy(scale.data() + c, scale.data() + c + len, a + i);
-        std::copy(shift.data() + c, shift.data() + c + len, sh + i);
-      } else {
-        std::fill(a + i, a + i + len, scale[c]);
-        std::fill(sh + i, sh + i + len, shift[c]);
-      }
-    });
+    chunk_affine(c0, n, inner, scale, shift, a, sh);
     for (int64_t t = 0; t < T; ++t)
-      step_distance_bn(in_loop(yp + t * M + c0), a, sh, v, d + t * kChunk, n, b.c, b.hard_reset, b.decay_input);
+      step_bn(in_loop(yp + t * M + c0), a, sh, v, d + t * kChunk, nullptr, n, b.c, b.hard_reset, b.decay_input);
   };
-  if (sums) backward_recomputing(grad_spikes.const_data_ptr<scalar_t>(), gxp, T, M, b, forward_steps, add_sums, kSumBlock);
-  else backward_recomputing(grad_spikes.const_data_ptr<scalar_t>(), gxp, T, M, b, forward_steps);
+  const scalar_t* gsp = grad_spikes.const_data_ptr<scalar_t>();
+  if (sums) backward_recomputing(gsp, gxp, T, M, b, forward_steps, add_sums, kSumBlock);
+  else backward_recomputing(gsp, gxp, T, M, b, forward_steps);
 }
 
 }  // namespace
@@ -411,19 +435,20 @@ at::Tensor lif_backward_from_input(
 
 namespace {
 
-// The checks of lif_backward_from_bn_input / lif_backward_through_bn (op names it) and BatchNorm's
-// alpha, beta per channel as ATen's batch_norm_cpu_collect_linear_and_constant_terms (contracted).
-void bn_affine(const char* op, const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean,
-               const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias, int64_t inner,
-               std::vector<float>& scale, std::vector<float>& shift) {
-  TORCH_CHECK(y.sizes() == grad_spikes.sizes() && y.is_contiguous() && y.scalar_type() == grad_spikes.scalar_type() &&
-                  (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
-              op, ": y must be the contiguous fp32/bf16 [T, M] BatchNorm input, in grad_spikes' dtype");
+// The checks of lif_forward_from_bn_input, lif_backward_from_bn_input and lif_backward_through_bn (op
+// names it) and BatchNorm's alpha, beta per channel as ATen's
+// batch_norm_cpu_collect_linear_and_constant_terms (contracted).
+void bn_affine(const char* op, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
+               const at::Tensor& weight, const at::Tensor& bias, int64_t inner, std::vector<float>& scale,
+               std::vector<float>& shift) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
+              op, ": y must be the contiguous fp32/bf16 [T, M] BatchNorm input");
   const int64_t C = mean.numel();
   for (const at::Tensor* p : {&mean, &invstd, &weight, &bias})
     TORCH_CHECK(p->dim() == 1 && p->numel() == C && p->is_contiguous() && p->scalar_type() == at::kFloat,
                 op, ": mean, invstd, weight and bias must be contiguous fp32 [C]");
-  TORCH_CHECK(C > 0 && inner > 0 && y.size(1) % (inner * C) == 0, op, ": the rows of y must hold whole [C, inner] blocks");
+  TORCH_CHECK(C > 0 && inner > 0 && y.size(1) % (inner * C) == 0, op,
+              ": the rows of y must hold whole [C, inner] blocks");
   scale.resize(C);
   shift.resize(C);
   const float *mp = mean.const_data_ptr<float>(), *ip = invstd.const_data_ptr<float>(),
@@ -434,7 +459,42 @@ void bn_affine(const char* op, const at::Tensor& grad_spikes, const at::Tensor& 
   }
 }
 
+// The backwards' y is the forward's: grad_spikes' shape and dtype.
+void check_grad_like_y(const char* op, const at::Tensor& grad_spikes, const at::Tensor& y) {
+  TORCH_CHECK(y.sizes() == grad_spikes.sizes() && y.scalar_type() == grad_spikes.scalar_type(), op,
+              ": y must be the [T, M] BatchNorm input, in grad_spikes' shape and dtype");
+}
+
 }  // namespace
+
+at::Tensor lif_forward_from_bn_input(
+    const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+    const at::Tensor& bias, int64_t inner, double tau, double v_threshold, double v_reset, bool hard_reset,
+    bool decay_input) {
+  std::vector<float> scale, shift;
+  bn_affine("lif_forward_from_bn_input", y, mean, invstd, weight, bias, inner, scale, shift);
+  const int64_t T = y.size(0), M = y.size(1);
+  const LifConsts c = consts_of(tau, v_threshold, v_reset, hard_reset);
+  auto spikes = at::empty_like(y);
+  auto run = [&](auto tag) {
+    using E = decltype(tag);  // float, or bf16 as its bits
+    const E* yp = reinterpret_cast<const E*>(y.const_data_ptr());
+    E* sp = reinterpret_cast<E*>(spikes.mutable_data_ptr());
+    at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
+      float v[kChunk], a[kChunk], sh[kChunk];
+      for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, end - c0);
+        chunk_affine(c0, n, inner, scale, shift, a, sh);
+        std::fill(v, v + n, c.v_reset);
+        for (int64_t t = 0; t < T; ++t)
+          step_bn(yp + t * M + c0, a, sh, v, nullptr, sp + t * M + c0, n, c, hard_reset, decay_input);
+      }
+    });
+  };
+  if (y.scalar_type() == at::kFloat) run(float{});
+  else run(uint16_t{});
+  return spikes;
+}
 
 at::Tensor lif_backward_from_bn_input(
     const at::Tensor& grad_spikes, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd,
@@ -442,8 +502,9 @@ at::Tensor lif_backward_from_bn_input(
     double v_reset, bool hard_reset, bool decay_input, bool detach_reset, int64_t surrogate, double alpha) {
   const BackwardArgs b = backward_args("lif_backward_from_bn_input", grad_spikes, tau, v_threshold, v_reset,
                                        hard_reset, decay_input, detach_reset, surrogate, alpha);
+  check_grad_like_y("lif_backward_from_bn_input", grad_spikes, y);
   std::vector<float> scale, shift;
-  bn_affine("lif_backward_from_bn_input", grad_spikes, y, mean, invstd, weight, bias, inner, scale, shift);
+  bn_affine("lif_backward_from_bn_input", y, mean, invstd, weight, bias, inner, scale, shift);
   auto grad_x = at::empty_like(grad_spikes);
   if (y.scalar_type() == at::kFloat) bn_backward_chunks<float>(grad_spikes, y, scale, shift, inner, b, grad_x);
   else bn_backward_chunks<c10::BFloat16>(grad_spikes, y, scale, shift, inner, b, grad_x);
@@ -457,8 +518,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_backward_through_bn(
     double alpha) {
   const BackwardArgs b = backward_args("lif_backward_through_bn", grad_spikes, tau, v_threshold, v_reset,
                                        hard_reset, decay_input, detach_reset, surrogate, alpha);
+  check_grad_like_y("lif_backward_through_bn", grad_spikes, y);
   std::vector<float> scale, shift;
-  bn_affine("lif_backward_through_bn", grad_spikes, y, mean, invstd, weight, bias, inner, scale, shift);
+  bn_affine("lif_backward_through_bn", y, mean, invstd, weight, bias, inner, scale, shift);
   const int64_t C = mean.numel(), blocks = (y.size(1) + kSumBlock - 1) / kSumBlock;
   std::vector<double> sums(blocks * 2 * C, 0.0);  // [block][sum dz, sum dz (y - mean)][C]
   auto grad = at::empty_like(grad_spikes);          // dL/dZ, then dL/dy in place

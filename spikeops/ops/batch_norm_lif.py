@@ -22,6 +22,12 @@ backward reads them twice (one layer's forward+backward: 0.81-0.99x the time, BE
 of the two layers called in turn up to rounding (tests: within twice ATen's own error of the float64
 result); everywhere else bit for bit.
 
+The C++ training forward (fp32 running statistics) does not write ``Z`` either: ATen's
+``batch_norm_update_stats`` computes the batch statistics and updates the running ones with the
+kernel its BatchNorm uses, without BatchNorm's output pass, and ``lif_forward_from_bn_input``
+computes ``Z`` from ``Y`` inside the LIF kernel as the backward does (statistics, running
+statistics and spikes checked bit for bit against ATen's BatchNorm once per dtype).
+
 On CPU, channels-last ``Y`` ``[T*B, C, H, W]`` runs fused as its ``[T*B*H*W, C]`` view (ATen's
 BatchNorm computes the same on both) and the spikes come back channels-last.
 
@@ -45,12 +51,18 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class _BatchNormLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, training, momentum, eps, T, lif_args, backend):
-        z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, training, momentum,
-                                                     eps)
-        spikes, _ = _lif_forward(z.view(T, -1), *lif_args, False, False, backend)
-        # C++, training: backward computes Z from y and these statistics inside its LIF kernel, and
-        # BatchNorm's backward after it (lif_backward_through_bn)
-        ctx.bn_stats = (mean, invstd) if training and _affine_in_kernel(y, mean, impl, backend) else None
+        if training and _stats_in_kernel(y, weight, running_mean, running_var, eps, backend):
+            # C++: ATen's statistics without its output pass; the LIF kernel computes Z from y
+            mean, invstd = _batch_stats(y, running_mean, running_var, momentum, eps)
+            spikes = _lif_forward_from_bn_input(y.view(T, -1), mean, invstd, weight, bias, y[0, 0].numel(), lif_args)
+            ctx.bn_stats = (mean, invstd)
+        else:
+            z, mean, invstd, reserve, impl = _batch_norm(y, weight, bias, running_mean, running_var, training,
+                                                         momentum, eps)
+            spikes, _ = _lif_forward(z.view(T, -1), *lif_args, False, False, backend)
+            # C++, training: backward computes Z from y and these statistics inside its LIF kernel, and
+            # BatchNorm's backward after it (lif_backward_through_bn)
+            ctx.bn_stats = (mean, invstd) if training and _affine_in_kernel(y, mean, impl, backend) else None
         stats = (None, None) if training else (running_mean.clone(), running_var.clone())
         ctx.save_for_backward(y, weight, bias, *stats)
         ctx.training, ctx.eps, ctx.T, ctx.lif_args, ctx.backend = training, eps, T, lif_args, backend
@@ -120,6 +132,66 @@ def _lif_backward_from_bn_input(grad_spikes, y, mean, invstd, weight, bias, *lif
     inner = y[0, 0].numel()  # positions per (row, channel): element i of a row is channel (i // inner) % C
     return _backend.kernel("lif", "lif_backward_from_bn_input", "cpp")(
         grad_spikes, y.view(grad_spikes.shape), mean, invstd, weight, bias, inner, *lif_args)
+
+
+def _lif_forward_from_bn_input(y, mean, invstd, weight, bias, inner: int, lif_args):
+    """Spikes [T, M] of ``LIF(BN(y))`` for y [T, M] and training-mode batch statistics: the C++
+    kernel computes Z from y as the backward's does, a chunk of neurons at a time (Z never written)."""
+    weight, bias = _affine_args(weight, bias, mean.numel())
+    return _backend.kernel("lif", "lif_forward_from_bn_input", "cpp")(y, mean, invstd, weight, bias, inner,
+                                                                      *lif_args[:5])
+
+
+def _batch_stats(y, running_mean, running_var, momentum, eps):
+    """(mean, invstd) [C] of training-mode ATen BatchNorm on ``y``, with the running statistics updated
+    as it updates them: ``batch_norm_update_stats`` runs the same statistics kernel without the output
+    pass; invstd is ``1 / sqrt(var + eps)`` in float64, rounded to fp32, as ATen computes it from
+    that var (checked once per dtype, :func:`_stats_in_kernel`)."""
+    mean, var = torch.ops.aten.batch_norm_update_stats(y, running_mean, running_var, momentum)
+    return mean, (1.0 / (var.double() + eps).sqrt()).float()
+
+
+_STATS_MATCH_ATEN: dict = {}
+
+
+def _stats_in_kernel(y, weight, running_mean, running_var, eps, backend) -> bool:
+    """Whether a training forward may skip ATen's BatchNorm output: the C++ backend with the kernel,
+    fp32/bf16 ``y`` on CPU, fp32 running statistics and weight (ATen then computes fp32 batch
+    statistics, as :func:`_batch_stats` does), ``eps > 0``, and on this torch the kernel's Z found
+    equal to ATen's (:func:`_affine_in_kernel`) and :func:`_batch_stats` equal to ATen's statistics
+    and running statistics (checked once per dtype, :func:`_kernel_forward_matches_aten`)."""
+    if backend != "cpp" or y.device.type != "cpu" or y.dtype not in (torch.float32, torch.bfloat16) or eps <= 0 \
+            or running_mean is None or running_var is None or running_mean.dtype != torch.float32 \
+            or running_var.dtype != torch.float32 or (weight is not None and weight.dtype != torch.float32) \
+            or not _backend.has_kernel("lif", "lif_forward_from_bn_input", "cpp"):
+        return False
+    if not _affine_in_kernel(y, running_mean, 0, backend):  # (the batch statistics are fp32 as the running ones)
+        return False
+    if y.dtype not in _STATS_MATCH_ATEN:
+        _STATS_MATCH_ATEN[y.dtype] = _kernel_forward_matches_aten(y.dtype)
+    return _STATS_MATCH_ATEN[y.dtype]
+
+
+def _kernel_forward_matches_aten(dtype: torch.dtype) -> bool:
+    """:func:`_batch_stats` and the forward kernel give ATen's statistics, running statistics and
+    LIF(ATen's output), bit for bit, on ATen's CPU layouts ([N, C, L], [N, C] rows, [N, C, H, W])."""
+    g = torch.Generator().manual_seed(1)
+    lif_args = (2.0, 0.5, 0.0, True, True)
+    for shape in ((6, 5, 37), (74, 19), (8, 6, 5, 3)):
+        y = (torch.randn(shape, generator=g) * 3 + 0.5).to(dtype)
+        weight, bias = torch.randn(shape[1], generator=g) + 1, torch.randn(shape[1], generator=g)
+        running = torch.randn(shape[1], generator=g), torch.rand(shape[1], generator=g) + 0.5
+        ours_running, aten_running = [r.clone() for r in running], [r.clone() for r in running]
+        with torch.no_grad():
+            z, mean, invstd, _, _ = _batch_norm(y, weight, bias, *aten_running, True, 0.1, 1e-5)
+            mean2, invstd2 = _batch_stats(y, *ours_running, 0.1, 1e-5)
+            expected, _ = _backend.kernel("lif", "lif_forward", "cpp")(z.view(2, -1), *lif_args, False, False)
+            spikes = _lif_forward_from_bn_input(y.view(2, -1), mean2, invstd2, weight, bias, y[0, 0].numel(),
+                                                lif_args)
+        if not (torch.equal(mean, mean2) and torch.equal(invstd, invstd2) and torch.equal(spikes, expected)
+                and all(torch.equal(a, b) for a, b in zip(aten_running, ours_running))):
+            return False
+    return True
 
 
 _AFFINE_MATCHES_ATEN: dict = {}
