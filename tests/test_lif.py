@@ -150,6 +150,21 @@ def test_non_contiguous_input(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_channels_last_frames_run_in_place_and_keep_their_layout(backend):
+    """[T, B, C, H, W] whose frames are channels-last (a channels-last stem's): spikes equal the
+    reference's and come back in that layout (the kernels read the frames' memory as it is)."""
+    device = device_for(backend)
+    base = lif_input((3, 2, 5, 4, 3), device=device)
+    x = base.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(base.shape)
+    assert not x.is_contiguous()
+    grad = lif_input(x.shape, device=device, seed=4)
+    spikes, gx = forward_backward(lambda t: spikeops.lif(t, backend=backend), x, grad)
+    ref_spikes, ref_gx = forward_backward(lambda t: reference.lif(t.cpu()), x, grad.cpu())
+    assert torch.equal(spikes.cpu(), ref_spikes) and spikes.stride() == x.stride()
+    assert_grads_close(gx, ref_gx)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_saves_one_fp32_value_per_neuron_per_step(backend):
     device = device_for(backend)
     x = lif_input((4, 2, 100), dtype=torch.float16, device=device).requires_grad_()

@@ -374,6 +374,17 @@ def test_spike_max_pool_equals_torch_and_keeps_bits_not_indices(kind, ceil_mode,
     assert saved_bytes(ref, base.clone().requires_grad_()) >= base.numel() * 4
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("ceil_mode", [False, True])  # ceil_mode: ATen's kernel (the C++ ones take floor sizes)
+def test_spike_max_pool_without_grad_equals_torch(layout, ceil_mode):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(2, 24, 9, 9, generator=g) < 0.3).float().contiguous(memory_format=layout)
+    ours, ref = spikeops.nn.SpikeMaxPool2d(3, 2, 1, ceil_mode=ceil_mode), nn.MaxPool2d(3, 2, 1, ceil_mode=ceil_mode)
+    with torch.no_grad():
+        out = ours(x)
+    assert torch.equal(out, ref(x)) and out.is_contiguous(memory_format=layout)
+
+
 def test_spike_max_pool_rejects_return_indices():
     with pytest.raises(ValueError, match="return_indices"):
         spikeops.nn.SpikeMaxPool2d(2, return_indices=True)

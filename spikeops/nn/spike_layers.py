@@ -226,7 +226,8 @@ class _CompactMaxPool2d(torch.autograd.Function):
 class SpikeMaxPool2d(nn.MaxPool2d):
     """:class:`torch.nn.MaxPool2d` that saves its (spike) input as bits / uint8 for backward and
     recomputes the argmax there: same outputs and gradients. ``return_indices`` is not supported.
-    Under ``torch.compile`` it is plain ``nn.MaxPool2d`` (no graph break, standard memory).
+    Without grad it runs the same kernels (:mod:`spikeops.ops.max_pool`, ATen's where they do not
+    apply). Under ``torch.compile`` it is plain ``nn.MaxPool2d`` (no graph break, standard memory).
 
     Shapes: input ``[N, C, H, W]`` -> ``[N, C, H_out, W_out]``.
     """
@@ -242,11 +243,13 @@ class SpikeMaxPool2d(nn.MaxPool2d):
         if input.dim() not in (3, 4):
             raise ValueError(f"SpikeMaxPool2d: input must be 3-d [C, H, W] or 4-d [N, C, H, W], got shape "
                              f"{tuple(input.shape)}")
-        if not _needs_grad(input) or input.dim() != 4 or torch.compiler.is_compiling():
+        if input.dim() != 4 or torch.compiler.is_compiling():
             return super().forward(input)
         pair = nn.modules.utils._pair
         args = (pair(self.kernel_size), pair(self.stride if self.stride is not None else self.kernel_size),
                 pair(self.padding), pair(self.dilation), bool(self.ceil_mode))
+        if not _needs_grad(input):  # inference: the kernels of spikeops.ops.max_pool where they apply
+            return same_counts(input, max_pool2d(input, args))
         return _compiler_disabled_pool(input, args)
 
 

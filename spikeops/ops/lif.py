@@ -181,7 +181,8 @@ def lif(
 
     Args:
         x_seq: input current ``[T, ...]`` (any trailing shape), float32/float16/bfloat16/float64.
-            Non-contiguous input is copied to a contiguous one.
+            Non-contiguous input is copied to a contiguous one, except channels-last frames
+            ``[T, B, C, H, W]``, whose spikes come back in that layout.
         tau: membrane time constant, > 1.
         v_threshold: firing threshold.
         v_reset: hard-reset potential, or ``None`` for soft reset (subtract ``v_threshold``).
@@ -210,7 +211,7 @@ def lif(
     if chosen == "torch":
         return mark_counts(reference.lif(x_seq, tau, v_threshold, v_reset, decay_input, detach_reset, surrogate, alpha))
 
-    x2d = x_seq.contiguous().view(x_seq.shape[0], -1)
+    x2d, laid_out = _time_rows(x_seq)
     save_h = torch.is_grad_enabled() and x_seq.requires_grad
     spikes, _ = _lif_forward(
         x2d,
@@ -226,4 +227,17 @@ def lif(
         state_dtype == torch.bfloat16,
         chosen,
     )
-    return mark_counts(spikes.view(x_seq.shape))
+    return mark_counts(laid_out(spikes))
+
+
+def _time_rows(x_seq: torch.Tensor):
+    """(x_seq as ``[T, N]``, a function giving ``[T, N]`` spikes x_seq's shape and layout): a view of
+    a contiguous x_seq or of channels-last frames ``[T, B, C, H, W]`` (C innermost, as a
+    channels-last stem makes them: the spikes keep that layout, no copy either way), else a
+    contiguous copy."""
+    T = x_seq.shape[0]
+    if not x_seq.is_contiguous() and x_seq.dim() == 5:
+        moved = x_seq.movedim(2, -1)
+        if moved.is_contiguous():
+            return moved.view(T, -1), lambda s: s.view(moved.shape).movedim(-1, 2)
+    return x_seq.contiguous().view(T, -1), lambda s: s.view(x_seq.shape)
