@@ -73,10 +73,12 @@ class TokenHead(nn.Module):
 def channels_last_frames(x: torch.Tensor) -> torch.Tensor:
     """Frames ``[T, B, C, H, W]``, each laid out channels-last (C innermost) on CPU; as they are elsewhere.
 
-    On CPU oneDNN runs these convolutions in NHWC (bf16 always): with NCHW tensors every convolution
-    copies its input, its output and, in backward, their gradients between the two layouts. The
-    layers after a channels-last convolution keep its layout (BatchNorm+LIF, max pooling, the
-    residual sum), so the whole stem runs without those copies. Not on CUDA: there the fused
+    On CPU oneDNN runs bf16 convolutions in NHWC: with NCHW tensors each one copied its input and
+    output, and in backward their gradients, between the two layouts (8.3 ms for one
+    [64, 192, 32, 32] on the 2-core VM). The layers after a channels-last convolution keep its
+    layout (BatchNorm+LIF, max pooling, the LIF, the residual sum), so the stem runs without those
+    copies; Spikformer's CIFAR training step took 0.80-0.96x the time with it in bf16 and 0.84-0.98x
+    in fp32, with either backend (BENCHMARKS.md, stop 26). Not on CUDA: there the fused
     BatchNorm+LIF takes channels-last input through the two modules only (see
     :func:`spikeops.ops.batch_norm_lif.batch_norm_lif`)."""
     if x.device.type != "cpu":

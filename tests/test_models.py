@@ -99,6 +99,22 @@ def test_kernels_and_torch_backend_give_identical_outputs(name, train):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+def test_spikformer_stem_keeps_its_frames_channels_last_on_cpu(backend, grad):
+    """Every stage of the SPS stem returns channels-last frames on CPU (oneDNN's NHWC convolutions
+    then copy nothing), training and inference, and the tokens it returns are contiguous."""
+    model = tiny("spikformer_cifar_4_384", backend=backend)
+    outputs = []
+    for stage in [*model.patch_embed.stages, model.patch_embed.rpe]:
+        stage.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.set_grad_enabled(grad):
+        tokens = model.patch_embed(images(model).unsqueeze(0).expand(model.T, -1, -1, -1, -1))
+    assert len(outputs) == 5 and tokens.is_contiguous()
+    for out in outputs:
+        assert out.flatten(0, 1).is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
 def test_images_are_repeated_over_time_and_frames_are_taken_as_given():
     model = tiny("spikformer_cifar_4_384").eval()
     x = images(model)

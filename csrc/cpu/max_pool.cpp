@@ -18,9 +18,9 @@
 // Channels-last input ([N, C, H, W] with C innermost in memory, as a channels-last stem makes it):
 // the same outputs and gradients, each window's pixels scanned in row-major order with the channels
 // of a pixel as vector lanes (fp32 and bf16 loops compiled for AVX-512, AVX2 and baseline x86-64).
-// The backward takes the input's values (a layer saving channels-last spikes as bits unpacks them:
-// that takes ~1/10 of this backward). Threads split the images in the backward (windows overlap),
-// the images' output rows in the forward.
+// The backward takes the input's values (a layer saving channels-last spikes as bits unpacks them
+// first: 0.9 ms next to this backward's 7.0 ms for a [64, 192, 32, 32] bf16 on the 2-core VM).
+// Threads split the images in the backward (windows overlap), the images' output rows in the forward.
 //
 // Forward: separable. Per output row, the max over the window's rows is taken for the whole input
 // row (contiguous, vectorised), then over each window's columns. The values are the window's
@@ -141,8 +141,8 @@ SPIKEOPS_POOL_CLONES void window_argmax(const E* image, const int64_t* pixels, i
 }
 
 // grad[pixels[j], c] += g[c] where arg[c] == j, rounded to E after the add as ATen's backward
-// rounds. Pixel by pixel over all channels with a select: the other lanes are stored back unchanged
-// (a gradient sum is never -0., so adding nothing and adding 0. agree; the select keeps it exact).
+// rounds. Pixel by pixel over all channels with a select (vectorised): the other lanes are stored
+// back as they were loaded (in bf16 a NaN's payload becomes 0x7FC0 on the way).
 template <typename E>
 SPIKEOPS_POOL_CLONES void add_at_argmax(E* grad, const int64_t* pixels, int count, int64_t C, const int32_t* arg,
                                         const E* g) {
