@@ -5,7 +5,8 @@
 //   where it also has them, unless one of those or SPIKEOPS_NO_AVX512_BITOPS is set
 // ("set": to anything but "" or "0" when the extension first asks). The tests set them to run the
 // narrower paths on a wider machine (tests/test_simd_paths.py). (Functions compiled with
-// target_clones pick their clone by the CPU alone.)
+// target_clones pick their clone by the CPU alone; max_pool.cpp's channels-last loops pick theirs
+// here.)
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +32,14 @@ inline bool avx512_enabled() {
   return enabled;
 }
 
+// ... and AVX-512 VL and DQ, which GCC needs to vectorise 16-bit (bf16) lanes at full width
+// (max_pool.cpp's channels-last loops; x86-64-v4 less CD)
+inline bool avx512_vl_enabled() {
+  static const bool enabled =
+      avx512_enabled() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return enabled;
+}
+
 inline bool avx512_bitops_enabled() {
   static const bool enabled = avx512_enabled() && !env_flag("SPIKEOPS_NO_AVX512_BITOPS") &&
                               __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512vbmi") &&
@@ -40,6 +49,7 @@ inline bool avx512_bitops_enabled() {
 #else  // no hand-written SIMD paths off x86 / GCC
 inline bool avx2_enabled() { return false; }
 inline bool avx512_enabled() { return false; }
+inline bool avx512_vl_enabled() { return false; }
 inline bool avx512_bitops_enabled() { return false; }
 #endif
 

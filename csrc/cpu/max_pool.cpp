@@ -17,7 +17,7 @@
 //
 // Channels-last input ([N, C, H, W] with C innermost in memory, as a channels-last stem makes it):
 // the same outputs and gradients, each window's pixels scanned in row-major order with the channels
-// of a pixel as vector lanes (fp32 and bf16 loops compiled for AVX-512, AVX2 and baseline x86-64).
+// of a pixel as vector lanes (loops compiled for AVX-512, AVX2 and baseline x86-64, picked per call).
 // The backward takes the input's values (a layer saving channels-last spikes as bits unpacks them
 // first: 0.9 ms next to this backward's 7.0 ms for a [64, 192, 32, 32] bf16 on the 2-core VM).
 // Threads split the images in the backward (windows overlap), the images' output rows in the forward.
@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "cpu_features.h"
 #include "float_staging.h"
 
 namespace spikeops {
@@ -89,11 +90,6 @@ inline int window_pixels(const Window& R, const Window& Cw, int64_t oy, int64_t 
   return static_cast<int>(pixels.size());
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_POOL_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define SPIKEOPS_POOL_CLONES
-#endif
 
 // The channels-last loops take E: float, uint16_t (bf16 bits, float_staging.h), c10::Half or
 // double, and compute in A: float, or double for double (the maximum is one of the inputs: exact).
@@ -110,8 +106,8 @@ inline void store_acc(uint16_t* p, int64_t i, float v) { store_float(p, i, v); }
 
 // dst[c] = the maximum over the window's pixels of image[pixel, c] (ATen's running maximum).
 template <typename E>
-SPIKEOPS_POOL_CLONES void window_max(const E* image, const int64_t* pixels, int count, int64_t C,
-                                     acc_of<E>* best, E* dst) {
+static inline __attribute__((always_inline)) void window_max_body(const E* image, const int64_t* pixels, int count,
+                                                                  int64_t C, acc_of<E>* best, E* dst) {
   for (int64_t c = 0; c < C; ++c) best[c] = load_acc(image + pixels[0] * C, c);
   for (int j = 1; j < count; ++j) {
     const E* px = image + pixels[j] * C;
@@ -126,8 +122,9 @@ SPIKEOPS_POOL_CLONES void window_max(const E* image, const int64_t* pixels, int 
 // arg[c] = the index into pixels of channel c's argmax over the window (ATen's: the first maximum,
 // NaN wins; from -inf, so the first pixel when none is greater).
 template <typename E>
-SPIKEOPS_POOL_CLONES void window_argmax(const E* image, const int64_t* pixels, int count, int64_t C,
-                                        acc_of<E>* best, int32_t* arg) {
+static inline __attribute__((always_inline)) void window_argmax_body(const E* image, const int64_t* pixels,
+                                                                     int count, int64_t C, acc_of<E>* best,
+                                                                     int32_t* arg) {
   for (int64_t c = 0; c < C; ++c) best[c] = -std::numeric_limits<acc_of<E>>::infinity(), arg[c] = 0;
   for (int j = 0; j < count; ++j) {
     const E* px = image + pixels[j] * C;
@@ -144,8 +141,8 @@ SPIKEOPS_POOL_CLONES void window_argmax(const E* image, const int64_t* pixels, i
 // rounds. Pixel by pixel over all channels with a select (vectorised): the other lanes are stored
 // back as they were loaded (in bf16 a NaN's payload becomes 0x7FC0 on the way).
 template <typename E>
-SPIKEOPS_POOL_CLONES void add_at_argmax(E* grad, const int64_t* pixels, int count, int64_t C, const int32_t* arg,
-                                        const E* g) {
+static inline __attribute__((always_inline)) void add_at_argmax_body(E* grad, const int64_t* pixels, int count,
+                                                                     int64_t C, const int32_t* arg, const E* g) {
   for (int j = 0; j < count; ++j) {
     E* dst = grad + pixels[j] * C;
     for (int64_t c = 0; c < C; ++c) {
@@ -154,6 +151,39 @@ SPIKEOPS_POOL_CLONES void add_at_argmax(E* grad, const int64_t* pixels, int coun
     }
   }
 }
+
+// Each loop above compiled for AVX-512 (F, BW, DQ, VL: 16-bit lanes at full width), AVX2 and
+// baseline x86-64, and picked per call by cpu_features.h (not target_clones, which picks by the CPU
+// alone): SPIKEOPS_NO_AVX512 / SPIKEOPS_NO_AVX2 reach them, so tests/test_simd_paths.py runs the
+// narrower ones on a wider machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SPIKEOPS_POOL_VARIANTS(NAME, PARAMS, ARGS)                                                   \
+  template <typename E>                                                                            \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) void NAME##_avx512 PARAMS {        \
+    NAME##_body ARGS;                                                                              \
+  }                                                                                                \
+  template <typename E>                                                                            \
+  __attribute__((target("avx2"))) void NAME##_avx2 PARAMS { NAME##_body ARGS; }                    \
+  template <typename E>                                                                            \
+  void NAME##_baseline PARAMS { NAME##_body ARGS; }                                                \
+  template <typename E>                                                                            \
+  void NAME PARAMS {                                                                               \
+    if (avx512_vl_enabled()) NAME##_avx512 ARGS;                                                   \
+    else if (avx2_enabled()) NAME##_avx2 ARGS;                                                     \
+    else NAME##_baseline ARGS;                                                                     \
+  }
+#else
+#define SPIKEOPS_POOL_VARIANTS(NAME, PARAMS, ARGS) \
+  template <typename E>                           \
+  void NAME PARAMS { NAME##_body ARGS; }
+#endif
+SPIKEOPS_POOL_VARIANTS(window_max, (const E* image, const int64_t* pixels, int count, int64_t C, acc_of<E>* best,
+                                    E* dst), (image, pixels, count, C, best, dst))
+SPIKEOPS_POOL_VARIANTS(window_argmax, (const E* image, const int64_t* pixels, int count, int64_t C,
+                                       acc_of<E>* best, int32_t* arg), (image, pixels, count, C, best, arg))
+SPIKEOPS_POOL_VARIANTS(add_at_argmax, (E* grad, const int64_t* pixels, int count, int64_t C, const int32_t* arg,
+                                       const E* g), (grad, pixels, count, C, arg, g))
+#undef SPIKEOPS_POOL_VARIANTS
 
 // E for a dispatched scalar_t: bf16 as its bits.
 template <typename scalar_t>
