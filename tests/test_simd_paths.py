@@ -6,8 +6,9 @@ SSE2 packing and the GCC-vector sums of the attention kernels on an AVX2 one, an
 paths without VPOPCNTDQ / VBMI / GFNI (K^T V as sums of V rows, scalar bit transposes) on a machine
 with them. With SPIKEOPS_NO_AVX512_BITOPS=1 the extension takes the latter, with SPIKEOPS_NO_AVX512=1
 the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline ones; this file runs the C++ tests of
-packing, the Spike* layers, SSA, token attention, batch_norm_lif and max pooling again in such
-processes.
+packing, the Spike* layers, SSA, token attention, batch_norm_lif, max pooling and the LIF again in
+such processes (simd_variants.h's loops, the LIF's, BatchNorm's, the staging's and the counts', pick
+their variant by these switches too).
 """
 import os
 import subprocess
@@ -20,7 +21,7 @@ C = pytest.importorskip("spikeops._C", reason="the C++ extension is not built (m
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = ["tests/test_pack.py", "tests/test_spike_layers.py", "tests/test_ssa.py", "tests/test_token_attention.py",
-              "tests/test_batch_norm_lif.py", "tests/test_max_pool.py"]
+              "tests/test_batch_norm_lif.py", "tests/test_max_pool.py", "tests/test_lif.py"]
 SWITCHES = {"SPIKEOPS_NO_AVX2": "avx2_enabled", "SPIKEOPS_NO_AVX512": "avx512_enabled",
             "SPIKEOPS_NO_AVX512_BITOPS": "avx512_bitops_enabled"}
 

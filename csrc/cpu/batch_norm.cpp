@@ -1,5 +1,6 @@
 // BatchNorm's backward from channel sums (batch_norm.h): the sums' runs and the input gradient,
-// vectorised over 16 fp32 lanes (GCC vector code, compiled for AVX-512, AVX2 and baseline x86-64).
+// vectorised over 16 fp32 lanes (GCC vector code, compiled for AVX-512, AVX2 and baseline x86-64,
+// picked per call: simd_variants.h).
 #include "batch_norm.h"
 
 #include <ATen/Parallel.h>
@@ -8,16 +9,12 @@
 #include <vector>
 
 #include "float_staging.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_BN_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define SPIKEOPS_BN_CLONES
-#endif
 
 constexpr int kLanes = 16;
 typedef float Floats __attribute__((vector_size(4 * kLanes)));
@@ -73,8 +70,10 @@ inline __attribute__((always_inline)) void run_sums(const T* g, const T* x, int6
 // position's values over the steps are summed in fp32 first, then added to the fp64 totals (one
 // fp64 add per position instead of one per value).
 template <typename T>
-SPIKEOPS_BN_CLONES void channel_sums(const T* dz, const T* y, int64_t steps, int64_t step_stride, int64_t p0,
-                                     int64_t n, int64_t C, int64_t inner, const float* mean, double* s1, double* s2) {
+static inline __attribute__((always_inline)) void channel_sums_body(const T* dz, const T* y, int64_t steps,
+                                                                    int64_t step_stride, int64_t p0, int64_t n,
+                                                                    int64_t C, int64_t inner, const float* mean,
+                                                                    double* s1, double* s2) {
   if (inner > 1) {
     for (int64_t t = 0; t < steps; ++t) {
       const T* g = dz + t * step_stride;
@@ -114,8 +113,10 @@ SPIKEOPS_BN_CLONES void channel_sums(const T* dz, const T* y, int64_t steps, int
 // dy for the runs [u0, u1) of inner positions (run u: channel u % C), or with inner 1 for the rows
 // [u0, u1) of C positions; per channel: mean, db / M (md), k, invstd w (s).
 template <typename T>
-SPIKEOPS_BN_CLONES void input_grad(const T* dz, const T* y, int64_t u0, int64_t u1, int64_t C, int64_t inner,
-                                   const float* mean, const float* md, const float* k, const float* s, T* dy) {
+static inline __attribute__((always_inline)) void input_grad_body(const T* dz, const T* y, int64_t u0, int64_t u1,
+                                                                  int64_t C, int64_t inner, const float* mean,
+                                                                  const float* md, const float* k, const float* s,
+                                                                  T* dy) {
   if (inner > 1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t c = u % C;
@@ -141,6 +142,13 @@ SPIKEOPS_BN_CLONES void input_grad(const T* dz, const T* y, int64_t u0, int64_t 
     }
   }
 }
+
+SPIKEOPS_SIMD_VARIANTS(template <typename T>, void, channel_sums, (const T* dz, const T* y, int64_t steps,
+                       int64_t step_stride, int64_t p0, int64_t n, int64_t C, int64_t inner, const float* mean,
+                       double* s1, double* s2), (dz, y, steps, step_stride, p0, n, C, inner, mean, s1, s2))
+SPIKEOPS_SIMD_VARIANTS(template <typename T>, void, input_grad, (const T* dz, const T* y, int64_t u0, int64_t u1,
+                       int64_t C, int64_t inner, const float* mean, const float* md, const float* k, const float* s,
+                       T* dy), (dz, y, u0, u1, C, inner, mean, md, k, s, dy))
 
 }  // namespace
 

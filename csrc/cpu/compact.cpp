@@ -13,16 +13,12 @@
 
 #include "../ops.h"
 #include "float_staging.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_COUNTS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define SPIKEOPS_COUNTS_CLONES
-#endif
 
 constexpr int64_t kBlock = 2048;  // values per pass through the float staging buffer
 
@@ -30,8 +26,7 @@ constexpr int64_t kBlock = 2048;  // values per pass through the float staging b
 // as in ATen's cast and back). Values outside [0, 255] (and NaN) are zeroed through their bits
 // before the conversion, which then stays in range; they fail the check. Written without
 // ternaries or std::min/max so that GCC vectorises it.
-SPIKEOPS_COUNTS_CLONES
-bool floats_to_counts(const float* x, int64_t n, uint8_t* counts) {
+static inline __attribute__((always_inline)) bool floats_to_counts_body(const float* x, int64_t n, uint8_t* counts) {
   int32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float xi = x[i];
@@ -47,6 +42,7 @@ bool floats_to_counts(const float* x, int64_t n, uint8_t* counts) {
   }
   return !bad;
 }
+SPIKEOPS_SIMD_VARIANTS(, bool, floats_to_counts, (const float* x, int64_t n, uint8_t* counts), (x, n, counts))
 
 // to_counts for one dtype: counts of x's values into cp; whether all were integers 0..255.
 template <typename scalar_t>

@@ -4,9 +4,8 @@
 //   AVX-512's bit instructions (VPOPCNTDQ, VBMI and GFNI: Ice Lake, Sapphire Rapids, Zen 4 and later)
 //   where it also has them, unless one of those or SPIKEOPS_NO_AVX512_BITOPS is set
 // ("set": to anything but "" or "0" when the extension first asks). The tests set them to run the
-// narrower paths on a wider machine (tests/test_simd_paths.py). (Functions compiled with
-// target_clones pick their clone by the CPU alone; max_pool.cpp's channels-last loops pick theirs
-// here.)
+// narrower paths on a wider machine (tests/test_simd_paths.py). The loops of simd_variants.h pick
+// their variant here too. (Functions compiled with target_clones pick their clone by the CPU alone.)
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -32,11 +31,12 @@ inline bool avx512_enabled() {
   return enabled;
 }
 
-// ... and AVX-512 VL and DQ, which GCC needs to vectorise 16-bit (bf16) lanes at full width
-// (max_pool.cpp's channels-last loops; x86-64-v4 less CD)
-inline bool avx512_vl_enabled() {
-  static const bool enabled =
-      avx512_enabled() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+// ... and what x86-64-v4 adds (AVX-512 VL, DQ, CD; FMA, BMI2 from x86-64-v3): the loops of
+// simd_variants.h compiled for it
+inline bool x86_64_v4_enabled() {
+  static const bool enabled = avx512_enabled() && __builtin_cpu_supports("avx512vl") &&
+                              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd") &&
+                              __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
   return enabled;
 }
 
@@ -49,7 +49,7 @@ inline bool avx512_bitops_enabled() {
 #else  // no hand-written SIMD paths off x86 / GCC
 inline bool avx2_enabled() { return false; }
 inline bool avx512_enabled() { return false; }
-inline bool avx512_vl_enabled() { return false; }
+inline bool x86_64_v4_enabled() { return false; }
 inline bool avx512_bitops_enabled() { return false; }
 #endif
 

@@ -1,7 +1,7 @@
 // fp16/bf16/fp64 data staged through fp32 buffers, so that a kernel written for float serves
 // every dtype (shared by lif.cpp, ssa.cpp and token_attention.cpp); fp32 data is used in place.
-// bf16 is converted by integer ops compiled for AVX-512, AVX2 and baseline x86-64 (picked at load
-// time): c10::BFloat16's own conversions, in code built for baseline x86-64, ran the LIF forward
+// bf16 is converted by integer ops compiled for AVX-512, AVX2 and baseline x86-64 (picked per
+// call, simd_variants.h): c10::BFloat16's own conversions, in code built for baseline x86-64, ran the LIF forward
 // on bf16 no faster than on fp32.
 #pragma once
 #include <c10/util/BFloat16.h>
@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
@@ -42,21 +44,15 @@ static inline __attribute__((always_inline)) float bf16_to_float(uint16_t h) {
   return f;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_STAGING_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define SPIKEOPS_STAGING_CLONES
-#endif
-
-SPIKEOPS_STAGING_CLONES
-static void bf16_into_floats(const uint16_t* src, int64_t n, float* dst) {
+static inline __attribute__((always_inline)) void bf16_into_floats_body(const uint16_t* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
+SPIKEOPS_SIMD_VARIANTS(static, void, bf16_into_floats, (const uint16_t* src, int64_t n, float* dst), (src, n, dst))
 
-SPIKEOPS_STAGING_CLONES
-static void floats_into_bf16(const float* src, int64_t n, uint16_t* dst) {
+static inline __attribute__((always_inline)) void floats_into_bf16_body(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
 }
+SPIKEOPS_SIMD_VARIANTS(static, void, floats_into_bf16, (const float* src, int64_t n, uint16_t* dst), (src, n, dst))
 
 // Element access for loops that read and write fp32 or bf16 (as its bits, uint16_t) in place: the
 // bf16 conversion is a few integer ops per vector inside the loop, no staging buffer and no

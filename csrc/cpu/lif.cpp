@@ -6,8 +6,8 @@
 // Layout: x is [T, N] contiguous. Neurons are split across threads (at::parallel_for) and,
 // inside a thread, into chunks of kChunk neurons whose membrane potential stays in a small
 // stack array while the chunk walks over T. The per-step loops are plain float loops that
-// GCC vectorises; target_clones compiles them for AVX-512, AVX2 and baseline x86-64 and
-// picks one at load time, so the extension runs on any x86-64 CPU.
+// GCC vectorises, compiled for AVX-512, AVX2 and baseline x86-64 and picked per call
+// (simd_variants.h), so the extension runs on any x86-64 CPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +21,7 @@
 #include "cpu_features.h"
 #include "float_staging.h"
 #include "lif_math.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
@@ -28,13 +29,9 @@ namespace {
 
 constexpr int64_t kChunk = 512;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// x86-64-v4 (AVX-512 F, BW, DQ, VL), not AVX-512 F alone: with BW and VL GCC vectorises the bf16
-// loops' 16-bit lanes at full width (batch_norm_lif on bf16 0.89-0.96x the time, stop 25)
-#define SPIKEOPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define SPIKEOPS_SIMD_CLONES
-#endif
+// The vectorised step loops are compiled for x86-64-v4 (AVX-512 F, BW, DQ, VL: GCC vectorises the
+// bf16 loops' 16-bit lanes at full width; batch_norm_lif on bf16 0.89-0.96x the time of an AVX-512 F
+// build, stop 25), AVX2 and baseline x86-64, picked per call (simd_variants.h).
 
 // x and s are fp32 or bf16 (E = float / uint16_t, see float_staging.h: in_loop); v, h fp32.
 template <bool kHard, bool kDecayInput, typename E>
@@ -51,9 +48,8 @@ static inline __attribute__((always_inline)) void step_forward_impl(
 }
 
 #define SPIKEOPS_STEP_FORWARD(E)                                                                      \
-  SPIKEOPS_SIMD_CLONES                                                                                \
-  void step_forward(const E* x, float* v, E* s, float* h, int64_t n, LifConsts c, bool hard,          \
-                    bool decay_input) {                                                               \
+  static inline __attribute__((always_inline)) void step_forward_body(                               \
+      const E* x, float* v, E* s, float* h, int64_t n, LifConsts c, bool hard, bool decay_input) {    \
     if (hard) {                                                                                       \
       decay_input ? step_forward_impl<true, true>(x, v, s, h, n, c)                                   \
                   : step_forward_impl<true, false>(x, v, s, h, n, c);                                 \
@@ -61,7 +57,9 @@ static inline __attribute__((always_inline)) void step_forward_impl(
       decay_input ? step_forward_impl<false, true>(x, v, s, h, n, c)                                  \
                   : step_forward_impl<false, false>(x, v, s, h, n, c);                                \
     }                                                                                                 \
-  }
+  }                                                                                                   \
+  SPIKEOPS_SIMD_VARIANTS(, void, step_forward, (const E* x, float* v, E* s, float* h, int64_t n,      \
+                         LifConsts c, bool hard, bool decay_input), (x, v, s, h, n, c, hard, decay_input))
 SPIKEOPS_STEP_FORWARD(float)
 SPIKEOPS_STEP_FORWARD(uint16_t)
 #undef SPIKEOPS_STEP_FORWARD
@@ -129,10 +127,12 @@ struct BatchNormed {
 };
 
 #define SPIKEOPS_STEP_DISTANCE(E)                                                                        \
-  SPIKEOPS_SIMD_CLONES                                                                                   \
-  void step_distance(const E* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) { \
+  static inline __attribute__((always_inline)) void step_distance_body(                                 \
+      const E* x, float* v, float* d, int64_t n, LifConsts c, bool hard, bool decay_input) {             \
     step_any(Stored<E>{x}, Distances{d, c}, v, n, c, hard, decay_input);                                 \
-  }
+  }                                                                                                      \
+  SPIKEOPS_SIMD_VARIANTS(, void, step_distance, (const E* x, float* v, float* d, int64_t n, LifConsts c, \
+                         bool hard, bool decay_input), (x, v, d, n, c, hard, decay_input))
 SPIKEOPS_STEP_DISTANCE(float)
 SPIKEOPS_STEP_DISTANCE(uint16_t)
 #undef SPIKEOPS_STEP_DISTANCE
@@ -177,9 +177,9 @@ static inline __attribute__((always_inline)) void step_backward_impl(
 
 #define SPIKEOPS_BWD(H, D, S) step_backward_impl<H, D, S>(gs, d, gv, gx, n, c, alpha, decay_input)
 #define SPIKEOPS_STEP_BACKWARD(E)                                                                             \
-  SPIKEOPS_SIMD_CLONES                                                                                        \
-  void step_backward(const E* gs, const float* d, float* gv, E* gx, int64_t n, LifConsts c, float alpha,      \
-                     bool hard, bool detach, int64_t surrogate, bool decay_input) {                           \
+  static inline __attribute__((always_inline)) void step_backward_body(                                      \
+      const E* gs, const float* d, float* gv, E* gx, int64_t n, LifConsts c, float alpha, bool hard,          \
+      bool detach, int64_t surrogate, bool decay_input) {                                                     \
     if (surrogate == kSigmoid) {                                                                              \
       if (hard) { detach ? SPIKEOPS_BWD(true, true, kSigmoid) : SPIKEOPS_BWD(true, false, kSigmoid); }        \
       else { detach ? SPIKEOPS_BWD(false, true, kSigmoid) : SPIKEOPS_BWD(false, false, kSigmoid); }           \
@@ -187,27 +187,34 @@ static inline __attribute__((always_inline)) void step_backward_impl(
       if (hard) { detach ? SPIKEOPS_BWD(true, true, kATan) : SPIKEOPS_BWD(true, false, kATan); }              \
       else { detach ? SPIKEOPS_BWD(false, true, kATan) : SPIKEOPS_BWD(false, false, kATan); }                 \
     }                                                                                                         \
-  }
+  }                                                                                                           \
+  SPIKEOPS_SIMD_VARIANTS(, void, step_backward, (const E* gs, const float* d, float* gv, E* gx, int64_t n,    \
+                         LifConsts c, float alpha, bool hard, bool detach, int64_t surrogate, bool decay_input), \
+                         (gs, d, gv, gx, n, c, alpha, hard, detach, surrogate, decay_input))
 SPIKEOPS_STEP_BACKWARD(float)
 SPIKEOPS_STEP_BACKWARD(uint16_t)
 #undef SPIKEOPS_STEP_BACKWARD
 #undef SPIKEOPS_BWD
 
 // The saved state of n neurons at one step: H (fp32 state) or H - v_threshold rounded to bf16.
-SPIKEOPS_SIMD_CLONES
-void store_state_bf16(const float* h, uint16_t* out, int64_t n, LifConsts c) {
+static inline __attribute__((always_inline)) void store_state_bf16_body(const float* h, uint16_t* out, int64_t n,
+                                                                       LifConsts c) {
   for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(lif_distance(h[i], c));
 }
+SPIKEOPS_SIMD_VARIANTS(, void, store_state_bf16, (const float* h, uint16_t* out, int64_t n, LifConsts c),
+                       (h, out, n, c))
 
 // ... and back, as d = H - v_threshold for step_backward.
-SPIKEOPS_SIMD_CLONES
-void load_state(const float* h, const uint16_t* h_bf16, float* d, int64_t n, LifConsts c) {
+static inline __attribute__((always_inline)) void load_state_body(const float* h, const uint16_t* h_bf16, float* d,
+                                                                 int64_t n, LifConsts c) {
   if (h_bf16) {
     for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_float(h_bf16[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) d[i] = lif_distance(h[i], c);
   }
 }
+SPIKEOPS_SIMD_VARIANTS(, void, load_state, (const float* h, const uint16_t* h_bf16, float* d, int64_t n,
+                       LifConsts c), (h, h_bf16, d, n, c))
 
 constexpr int64_t kGrain = 4 * kChunk;
 // lif_backward_through_bn's blocks of neurons, each with its own BatchNorm sums [2][C] (fp64)

@@ -40,8 +40,8 @@
 #include <vector>
 
 #include "../ops.h"
-#include "cpu_features.h"
 #include "float_staging.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
@@ -152,38 +152,14 @@ static inline __attribute__((always_inline)) void add_at_argmax_body(E* grad, co
   }
 }
 
-// Each loop above compiled for AVX-512 (F, BW, DQ, VL: 16-bit lanes at full width), AVX2 and
-// baseline x86-64, and picked per call by cpu_features.h (not target_clones, which picks by the CPU
-// alone): SPIKEOPS_NO_AVX512 / SPIKEOPS_NO_AVX2 reach them, so tests/test_simd_paths.py runs the
-// narrower ones on a wider machine.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_POOL_VARIANTS(NAME, PARAMS, ARGS)                                                   \
-  template <typename E>                                                                            \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) void NAME##_avx512 PARAMS {        \
-    NAME##_body ARGS;                                                                              \
-  }                                                                                                \
-  template <typename E>                                                                            \
-  __attribute__((target("avx2"))) void NAME##_avx2 PARAMS { NAME##_body ARGS; }                    \
-  template <typename E>                                                                            \
-  void NAME##_baseline PARAMS { NAME##_body ARGS; }                                                \
-  template <typename E>                                                                            \
-  void NAME PARAMS {                                                                               \
-    if (avx512_vl_enabled()) NAME##_avx512 ARGS;                                                   \
-    else if (avx2_enabled()) NAME##_avx2 ARGS;                                                     \
-    else NAME##_baseline ARGS;                                                                     \
-  }
-#else
-#define SPIKEOPS_POOL_VARIANTS(NAME, PARAMS, ARGS) \
-  template <typename E>                           \
-  void NAME PARAMS { NAME##_body ARGS; }
-#endif
-SPIKEOPS_POOL_VARIANTS(window_max, (const E* image, const int64_t* pixels, int count, int64_t C, acc_of<E>* best,
-                                    E* dst), (image, pixels, count, C, best, dst))
-SPIKEOPS_POOL_VARIANTS(window_argmax, (const E* image, const int64_t* pixels, int count, int64_t C,
-                                       acc_of<E>* best, int32_t* arg), (image, pixels, count, C, best, arg))
-SPIKEOPS_POOL_VARIANTS(add_at_argmax, (E* grad, const int64_t* pixels, int count, int64_t C, const int32_t* arg,
-                                       const E* g), (grad, pixels, count, C, arg, g))
-#undef SPIKEOPS_POOL_VARIANTS
+// Each loop above compiled for x86-64-v4, AVX2 and baseline x86-64, picked per call
+// (simd_variants.h).
+SPIKEOPS_SIMD_VARIANTS(template <typename E>, void, window_max, (const E* image, const int64_t* pixels, int count,
+                       int64_t C, acc_of<E>* best, E* dst), (image, pixels, count, C, best, dst))
+SPIKEOPS_SIMD_VARIANTS(template <typename E>, void, window_argmax, (const E* image, const int64_t* pixels, int count,
+                       int64_t C, acc_of<E>* best, int32_t* arg), (image, pixels, count, C, best, arg))
+SPIKEOPS_SIMD_VARIANTS(template <typename E>, void, add_at_argmax, (E* grad, const int64_t* pixels, int count,
+                       int64_t C, const int32_t* arg, const E* g), (grad, pixels, count, C, arg, g))
 
 // E for a dispatched scalar_t: bf16 as its bits.
 template <typename scalar_t>
