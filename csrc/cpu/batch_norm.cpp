@@ -15,7 +15,6 @@ namespace spikeops {
 namespace cpu {
 namespace {
 
-
 constexpr int kLanes = 16;
 typedef float Floats __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));

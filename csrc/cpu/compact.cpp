@@ -19,7 +19,6 @@ namespace spikeops {
 namespace cpu {
 namespace {
 
-
 constexpr int64_t kBlock = 2048;  // values per pass through the float staging buffer
 
 // counts[0, n) from floats; returns false if one is not an integer in [0, 255] (-0 passes as 0,

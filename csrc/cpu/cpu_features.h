@@ -31,7 +31,13 @@ inline bool avx512_enabled() {
   return enabled;
 }
 
-// ... and what x86-64-v4 adds (AVX-512 VL, DQ, CD; FMA, BMI2 from x86-64-v3): the loops of
+// ... and FMA (all AVX2 CPUs but a few early ones): the AVX2 loops of simd_variants.h
+inline bool avx2_fma_enabled() {
+  static const bool enabled = avx2_enabled() && __builtin_cpu_supports("fma");
+  return enabled;
+}
+
+// AVX-512 as above and what x86-64-v4 adds (AVX-512 VL, DQ, CD; FMA, BMI2 from x86-64-v3): the loops of
 // simd_variants.h compiled for it
 inline bool x86_64_v4_enabled() {
   static const bool enabled = avx512_enabled() && __builtin_cpu_supports("avx512vl") &&
@@ -49,6 +55,7 @@ inline bool avx512_bitops_enabled() {
 #else  // no hand-written SIMD paths off x86 / GCC
 inline bool avx2_enabled() { return false; }
 inline bool avx512_enabled() { return false; }
+inline bool avx2_fma_enabled() { return false; }
 inline bool x86_64_v4_enabled() { return false; }
 inline bool avx512_bitops_enabled() { return false; }
 #endif

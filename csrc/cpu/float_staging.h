@@ -1,8 +1,8 @@
 // fp16/bf16/fp64 data staged through fp32 buffers, so that a kernel written for float serves
 // every dtype (shared by lif.cpp, ssa.cpp and token_attention.cpp); fp32 data is used in place.
 // bf16 is converted by integer ops compiled for AVX-512, AVX2 and baseline x86-64 (picked per
-// call, simd_variants.h): c10::BFloat16's own conversions, in code built for baseline x86-64, ran the LIF forward
-// on bf16 no faster than on fp32.
+// call, simd_variants.h): c10::BFloat16's own conversions, in code built for baseline x86-64, ran
+// the LIF forward on bf16 no faster than on fp32.
 #pragma once
 #include <c10/util/BFloat16.h>
 

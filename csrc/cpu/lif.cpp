@@ -138,29 +138,20 @@ SPIKEOPS_STEP_DISTANCE(uint16_t)
 #undef SPIKEOPS_STEP_DISTANCE
 
 // A step on BatchNorm's output (BatchNormed): the spikes alone into s when s is given, else
-// step_distance's d. The FMA needs its own set of targets (an AVX2 clone without FMA would call
-// libm's fmaf for every element): AVX-512, AVX2 + FMA, and baseline x86-64 (libm's fmaf), picked at
-// run time.
-#define SPIKEOPS_STEP_BN(NAME, TARGET, E)                                                                \
-  TARGET void NAME(const E* y, const float* a, const float* b, float* v, float* d, E* s, int64_t n,       \
-                   LifConsts c, bool hard, bool decay_input) {                                           \
+// step_distance's d. Its FMA is why simd_variants.h's AVX2 variant is AVX2 + FMA (without, each
+// element would call libm's fmaf; the baseline variant does).
+#define SPIKEOPS_STEP_BN(E)                                                                              \
+  static inline __attribute__((always_inline)) void step_bn_body(const E* y, const float* a, const float* b, \
+                                                                 float* v, float* d, E* s, int64_t n,    \
+                                                                 LifConsts c, bool hard, bool decay_input) { \
     if (s) step_any(BatchNormed<E>{y, a, b}, Spikes<E>{s}, v, n, c, hard, decay_input);                 \
     else step_any(BatchNormed<E>{y, a, b}, Distances{d, c}, v, n, c, hard, decay_input);                \
-  }
-#define SPIKEOPS_STEP_BN_ALL(E)                                                                          \
-  SPIKEOPS_STEP_BN(step_bn_avx512, __attribute__((target("avx512f,avx512bw"))), E)                       \
-  SPIKEOPS_STEP_BN(step_bn_avx2, __attribute__((target("avx2,fma"))), E)                                 \
-  SPIKEOPS_STEP_BN(step_bn_default, , E)                                                                 \
-  void step_bn(const E* y, const float* a, const float* b, float* v, float* d, E* s, int64_t n, LifConsts c, \
-               bool hard, bool decay_input) {                                                            \
-    static const bool fma = __builtin_cpu_supports("fma");                                               \
-    if (avx512_enabled()) step_bn_avx512(y, a, b, v, d, s, n, c, hard, decay_input);                     \
-    else if (avx2_enabled() && fma) step_bn_avx2(y, a, b, v, d, s, n, c, hard, decay_input);             \
-    else step_bn_default(y, a, b, v, d, s, n, c, hard, decay_input);                                     \
-  }
-SPIKEOPS_STEP_BN_ALL(float)
-SPIKEOPS_STEP_BN_ALL(uint16_t)
-#undef SPIKEOPS_STEP_BN_ALL
+  }                                                                                                      \
+  SPIKEOPS_SIMD_VARIANTS(, void, step_bn, (const E* y, const float* a, const float* b, float* v, float* d, \
+                         E* s, int64_t n, LifConsts c, bool hard, bool decay_input),                     \
+                         (y, a, b, v, d, s, n, c, hard, decay_input))
+SPIKEOPS_STEP_BN(float)
+SPIKEOPS_STEP_BN(uint16_t)
 #undef SPIKEOPS_STEP_BN
 
 // d: H - v_threshold (lif_distance); gs and gx fp32 or bf16 (E). The surrogate gets a loop of its
@@ -484,9 +475,9 @@ at::Tensor lif_forward_from_bn_input(
   const LifConsts c = consts_of(tau, v_threshold, v_reset, hard_reset);
   auto spikes = at::empty_like(y);
   auto run = [&](auto tag) {
-    using E = decltype(tag);  // float, or bf16 as its bits
-    const E* yp = reinterpret_cast<const E*>(y.const_data_ptr());
-    E* sp = reinterpret_cast<E*>(spikes.mutable_data_ptr());
+    using scalar_t = decltype(tag);
+    const auto* yp = in_loop(y.const_data_ptr<scalar_t>());
+    auto* sp = in_loop(spikes.mutable_data_ptr<scalar_t>());
     at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
       float v[kChunk], a[kChunk], sh[kChunk];
       for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
@@ -499,7 +490,7 @@ at::Tensor lif_forward_from_bn_input(
     });
   };
   if (y.scalar_type() == at::kFloat) run(float{});
-  else run(uint16_t{});
+  else run(c10::BFloat16{});
   return spikes;
 }
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from spikeops import backend as _backend
-from spikeops.ops.compact import CompactMeta, restore
+from spikeops.ops.compact import CompactMeta, memory_format, restore
 
 Args = tuple  # (kernel, stride, padding, dilation, ceil_mode), each pair a tuple of 2 ints
 
@@ -46,9 +46,8 @@ def _kernel_args(x: torch.Tensor, args: Args, *others: torch.Tensor):
 
 def _layout(x: torch.Tensor):
     """The memory format of a 4-d ``x`` the kernels take (contiguous, else channels-last), or None."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+    fmt = memory_format(x)
+    return fmt if x.is_contiguous(memory_format=fmt) else None
 
 
 def max_pool2d(x: torch.Tensor, args: Args) -> torch.Tensor:
