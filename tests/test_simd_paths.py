@@ -7,8 +7,9 @@ paths without VPOPCNTDQ / VBMI / GFNI (K^T V as sums of V rows, scalar bit trans
 with them. With SPIKEOPS_NO_AVX512_BITOPS=1 the extension takes the latter, with SPIKEOPS_NO_AVX512=1
 the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline ones; this file runs the C++ tests of
 packing, the Spike* layers, SSA, token attention, batch_norm_lif, max pooling and the LIF again in
-such processes (simd_variants.h's loops, the LIF's, BatchNorm's, the staging's and the counts', pick
-their variant by these switches too).
+such processes (the loops of csrc/cpu/simd_variants.h: the LIF steps, BatchNorm's sums and input
+gradient, counts, bf16 staging and channels-last max pooling, pick their variant by these switches
+too).
 """
 import os
 import subprocess
