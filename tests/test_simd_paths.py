@@ -6,10 +6,11 @@ SSE2 packing and the GCC-vector sums of the attention kernels on an AVX2 one, an
 paths without VPOPCNTDQ / VBMI / GFNI (K^T V as sums of V rows, scalar bit transposes) on a machine
 with them. With SPIKEOPS_NO_AVX512_BITOPS=1 the extension takes the latter, with SPIKEOPS_NO_AVX512=1
 the AVX2 paths, with SPIKEOPS_NO_AVX2=1 the baseline ones; this file runs the C++ tests of
-packing, the Spike* layers, SSA, token attention, batch_norm_lif, max pooling and the LIF again in
-such processes (the loops of csrc/cpu/simd_variants.h: the LIF steps, BatchNorm's sums and input
-gradient, counts, bf16 staging and channels-last max pooling, pick their variant by these switches
-too).
+packing, spike_matmul, the Spike* layers, SSA, token attention, batch_norm_lif, max pooling and the
+LIF again in such processes. The loops of csrc/cpu/simd_variants.h pick their variant (x86-64-v4,
+AVX2, baseline x86-64) by these switches too: the LIF steps, BatchNorm's sums and input gradient,
+counts, bf16 staging, channels-last max pooling, unpacking, spike_matmul's popcounts, and SSA's
+and token attention's GCC-vector loops.
 """
 import os
 import subprocess
@@ -21,8 +22,8 @@ import pytest
 C = pytest.importorskip("spikeops._C", reason="the C++ extension is not built (make setup builds it)")
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_FILES = ["tests/test_pack.py", "tests/test_spike_layers.py", "tests/test_ssa.py", "tests/test_token_attention.py",
-              "tests/test_batch_norm_lif.py", "tests/test_max_pool.py", "tests/test_lif.py"]
+TEST_FILES = ["tests/test_pack.py", "tests/test_spike_matmul.py", "tests/test_spike_layers.py", "tests/test_ssa.py",
+              "tests/test_token_attention.py", "tests/test_batch_norm_lif.py", "tests/test_max_pool.py", "tests/test_lif.py"]
 SWITCHES = {"SPIKEOPS_NO_AVX2": "avx2_enabled", "SPIKEOPS_NO_AVX512": "avx512_enabled",
             "SPIKEOPS_NO_AVX512_BITOPS": "avx512_bitops_enabled"}
 

@@ -5,7 +5,7 @@
 //   where it also has them, unless one of those or SPIKEOPS_NO_AVX512_BITOPS is set
 // ("set": to anything but "" or "0" when the extension first asks). The tests set them to run the
 // narrower paths on a wider machine (tests/test_simd_paths.py). The loops of simd_variants.h pick
-// their variant here too. (Functions compiled with target_clones pick their clone by the CPU alone.)
+// their variant here too.
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -31,18 +31,20 @@ inline bool avx512_enabled() {
   return enabled;
 }
 
-// ... and FMA (all AVX2 CPUs but a few early ones): the AVX2 loops of simd_variants.h
-inline bool avx2_fma_enabled() {
-  static const bool enabled = avx2_enabled() && __builtin_cpu_supports("fma");
+// ... and FMA, BMI2, POPCNT (x86-64-v3 but LZCNT, MOVBE, F16C; every AVX2 CPU but a few early
+// ones): the AVX2 loops of simd_variants.h
+inline bool x86_64_v3_enabled() {
+  static const bool enabled = avx2_enabled() && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2") &&
+                              __builtin_cpu_supports("popcnt");
   return enabled;
 }
 
-// AVX-512 as above and what x86-64-v4 adds (AVX-512 VL, DQ, CD; FMA, BMI2 from x86-64-v3): the loops of
-// simd_variants.h compiled for it
+// AVX-512 as above and what x86-64-v4 adds (AVX-512 VL, DQ, CD) with the x86-64-v3 features: the
+// loops of simd_variants.h compiled for it
 inline bool x86_64_v4_enabled() {
   static const bool enabled = avx512_enabled() && __builtin_cpu_supports("avx512vl") &&
                               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd") &&
-                              __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+                              x86_64_v3_enabled();
   return enabled;
 }
 
@@ -55,7 +57,7 @@ inline bool avx512_bitops_enabled() {
 #else  // no hand-written SIMD paths off x86 / GCC
 inline bool avx2_enabled() { return false; }
 inline bool avx512_enabled() { return false; }
-inline bool avx2_fma_enabled() { return false; }
+inline bool x86_64_v3_enabled() { return false; }
 inline bool x86_64_v4_enabled() { return false; }
 inline bool avx512_bitops_enabled() { return false; }
 #endif

@@ -14,6 +14,7 @@
 #include "../ops.h"
 #include "bits.h"
 #include "float_staging.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
@@ -68,18 +69,12 @@ bool pack_row(const scalar_t* row, int64_t n, uint64_t* words, float* buf) {
 
 bool pack_row(const float* row, int64_t n, uint64_t* words, float*) { return pack_bits(row, n, words); }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_UNPACK_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SPIKEOPS_UNPACK_CLONES
-#endif
-
 // The low m bits of `bits` as 0./1. values into dst, for a dtype whose 1.0 has the bit pattern
 // `one` in a Bits-sized integer: each lane of a 32-byte vector tests its bit of a broadcast chunk
 // (8 fp32 or 16 fp16/bf16 values per vector), then keeps `one` or 0.
 template <typename Bits>
-SPIKEOPS_UNPACK_CLONES
-void unpack_word(uint64_t bits, int64_t m, Bits one, Bits* dst) {
+static inline __attribute__((always_inline)) void
+unpack_word_body(uint64_t bits, int64_t m, Bits one, Bits* dst) {
   constexpr int kLanes = 32 / sizeof(Bits);
   typedef Bits Vec __attribute__((vector_size(32)));
   Vec lane_bit;
@@ -92,6 +87,8 @@ void unpack_word(uint64_t bits, int64_t m, Bits one, Bits* dst) {
   }
   for (; j < m; ++j) dst[j] = ((bits >> j) & 1u) ? one : Bits{0};
 }
+SPIKEOPS_SIMD_VARIANTS_T((typename Bits), (Bits), void, unpack_word, (uint64_t bits, int64_t m, Bits one, Bits* dst),
+                         (bits, m, one, dst))
 
 template <typename scalar_t>
 void unpack_word(uint64_t bits, int64_t m, scalar_t* dst) {

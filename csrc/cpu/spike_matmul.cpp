@@ -1,8 +1,8 @@
 // Spike matmul on the CPU by AND + popcount (semantics: spikeops/reference.py, spike_matmul).
 // a_words [Bt, M, W] and bt_words [Bt, N, W] are 0/1 matrices packed along K (pack.cpp);
 // out[b, m, n] = sum_w popcount(a_words[b, m, w] & bt_words[b, n, w]) = (A @ B)[b, m, n], exact.
-// The popcount loop is compiled with and without the POPCNT instruction (target_clones; baseline x86-64 lacks it) and the
-// one the CPU supports is picked at load time.
+// The popcount loop is compiled for x86-64-v4, the AVX2 set with POPCNT, and baseline x86-64
+// (which lacks the POPCNT instruction), picked per call (simd_variants.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -11,17 +11,12 @@
 
 #include "../ops.h"
 #include "popcount.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
-#else
-#define SPIKEOPS_POPCNT_CLONES
-#endif
-
-SPIKEOPS_POPCNT_CLONES
-void popcount_row(const uint64_t* a, const uint64_t* bt, int64_t N, int64_t W, int32_t* out) {
+static inline __attribute__((always_inline)) void
+popcount_row_body(const uint64_t* a, const uint64_t* bt, int64_t N, int64_t W, int32_t* out) {
   for (int64_t n = 0; n < N; ++n) {
     const uint64_t* b = bt + n * W;
     int32_t acc = 0;
@@ -29,6 +24,9 @@ void popcount_row(const uint64_t* a, const uint64_t* bt, int64_t N, int64_t W, i
     out[n] = acc;
   }
 }
+SPIKEOPS_SIMD_VARIANTS(, void, popcount_row,
+                       (const uint64_t* a, const uint64_t* bt, int64_t N, int64_t W, int32_t* out),
+                       (a, bt, N, W, out))
 
 at::Tensor spike_matmul_packed(const at::Tensor& a_words, const at::Tensor& bt_words) {
   TORCH_CHECK(a_words.dim() == 3 && bt_words.dim() == 3 && a_words.is_contiguous() && bt_words.is_contiguous() &&

@@ -39,6 +39,7 @@
 #include "dynamic_for.h"
 #include "float_staging.h"
 #include "lif_math.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
@@ -177,11 +178,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssa_backward(
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPIKEOPS_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))  // AVX2 + BMI
-#else
-#define SPIKEOPS_SIMD_CLONES
-#endif
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define SPIKEOPS_SSA_AVX2 1  // the int16-lane sums and neuron below with AVX2 intrinsics, picked at run time
@@ -189,8 +185,8 @@ namespace {
 #define SPIKEOPS_SSA_AVX2 0
 #endif
 
-// One 32-byte vector of Count lanes (GCC vector extension: one AVX2 register in the x86-64-v3
-// clones, two SSE2 halves otherwise).
+// One 32-byte vector of Count lanes (GCC vector extension: one AVX2 register in the x86-64-v4 and
+// AVX2 variants of simd_variants.h, two SSE2 halves in the baseline one).
 template <typename Count>
 struct Lanes {
   static constexpr int64_t kWidth = 32 / sizeof(Count);
@@ -283,7 +279,7 @@ inline void lif_row(const float* y, int64_t n, float scale, LifConsts c, float* 
 }
 
 // lif_row for 8 columns at once, their inputs y already floats. The 32-byte vectors are single
-// AVX2 registers in the x86-64-v3 clone (GCC splits wider vector-extension types poorly: a
+// AVX2 registers in the x86-64-v4 and AVX2 variants (GCC splits wider vector-extension types poorly: a
 // convert + store of 16 lanes went through the stack, lane by lane).
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef int32_t Ints8 __attribute__((vector_size(32)));
@@ -627,8 +623,8 @@ SPIKEOPS_AVX512 void attention_neuron_rows_avx512(const uint64_t* qb, float scal
 #endif
 
 template <typename Count, int kVecs>
-SPIKEOPS_SIMD_CLONES
-void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>& w) {
+static inline __attribute__((always_inline)) void
+key_value_counts_body(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>& w) {
   using Vec = typename Lanes<Count>::Vec;
   constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
   const int64_t N = w.N, d = w.d, Wd = words_for(d), WN = words_for(N);
@@ -665,11 +661,13 @@ void key_value_counts(const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>
     }
   }
 }
+SPIKEOPS_SIMD_VARIANTS_T((typename Count, int kVecs), (Count, kVecs), void, key_value_counts,
+                         (const uint64_t* kb, const uint64_t* vb, Work<Count, kVecs>& w), (kb, vb, w))
 
 // attention_neuron_step with the choice of 1 / tau made (see lif8).
 template <bool kKeepH, bool kMulTau, typename Count, int kVecs>
-SPIKEOPS_SIMD_CLONES
-void attention_neuron_rows(const uint64_t* qb, float scale, LifConsts c, float inv_tau, Work<Count, kVecs>& w,
+static inline __attribute__((always_inline)) void
+attention_neuron_rows_body(const uint64_t* qb, float scale, LifConsts c, float inv_tau, Work<Count, kVecs>& w,
                            const char* const* next, int64_t row_bytes, float* out) {
   using Vec = typename Lanes<Count>::Vec;
   constexpr int64_t kWidth = Lanes<Count>::kWidth, kCols = Work<Count, kVecs>::kCols;
@@ -692,6 +690,11 @@ void attention_neuron_rows(const uint64_t* qb, float scale, LifConsts c, float i
     }
   }
 }
+SPIKEOPS_SIMD_VARIANTS_T((bool kKeepH, bool kMulTau, typename Count, int kVecs), (kKeepH, kMulTau, Count, kVecs),
+                         void, attention_neuron_rows,
+                         (const uint64_t* qb, float scale, LifConsts c, float inv_tau, Work<Count, kVecs>& w,
+                          const char* const* next, int64_t row_bytes, float* out),
+                         (qb, scale, c, inv_tau, w, next, row_bytes, out))
 
 template <bool kKeepH, typename Count, int kVecs>
 void attention_neuron_step(const uint64_t* qb, float scale, LifConsts c, Work<Count, kVecs>& w,
@@ -749,8 +752,8 @@ inline __attribute__((always_inline)) void sum_float_rows(const uint64_t* bits, 
 }
 
 template <typename scalar_t, typename Count, int kVecs>
-SPIKEOPS_SIMD_CLONES
-void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_words, const scalar_t* grad,
+static inline __attribute__((always_inline)) void
+ssa_backward_item_body(const uint64_t* const* bits, int64_t T, int64_t step_words, const scalar_t* grad,
                        int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, scalar_t* dq_out,
                        scalar_t* dk_out, scalar_t* dv_out) {
   constexpr int64_t kCols = Work<Count, kVecs>::kCols;
@@ -807,6 +810,12 @@ void ssa_backward_item(const uint64_t* const* bits, int64_t T, int64_t step_word
     store_floats(dv_out + os, dv, N * d);
   }
 }
+SPIKEOPS_SIMD_VARIANTS_T((typename scalar_t, typename Count, int kVecs), (scalar_t, Count, kVecs), void,
+                         ssa_backward_item,
+                         (const uint64_t* const* bits, int64_t T, int64_t step_words, const scalar_t* grad,
+                          int64_t step_stride, float scale, LifConsts c, Work<Count, kVecs>& w, scalar_t* dq_out,
+                          scalar_t* dk_out, scalar_t* dv_out),
+                         (bits, T, step_words, grad, step_stride, scale, c, w, dq_out, dk_out, dv_out))
 
 }  // namespace
 }  // namespace cpu

@@ -34,6 +34,7 @@
 #include "dynamic_for.h"
 #include "float_staging.h"
 #include "lif_math.h"
+#include "simd_variants.h"
 
 namespace spikeops {
 namespace cpu {
@@ -317,13 +318,6 @@ std::tuple<at::Tensor, at::Tensor> token_attention_cf_backward(
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// x86-64-v3: AVX2 with POPCNT (an "arch=haswell" clone would be picked on Intel Haswell-likes only)
-#define SPIKEOPS_TOKEN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SPIKEOPS_TOKEN_CLONES
-#endif
-
 typedef float Floats __attribute__((vector_size(32)));
 typedef int32_t Ints __attribute__((vector_size(32)));
 
@@ -378,8 +372,8 @@ inline __attribute__((always_inline)) uint64_t cut_bits(const uint64_t* run, int
   return len == 64 ? bits : bits & ((uint64_t{1} << len) - 1);
 }
 
-SPIKEOPS_TOKEN_CLONES
-bool token_rows_forward(const float* q, const float* p, const float* k, int64_t rows, int64_t d, float tau,
+static inline __attribute__((always_inline)) bool
+token_rows_forward_body(const float* q, const float* p, const float* k, int64_t rows, int64_t d, float tau,
                         float v_threshold, Scratch& s, float* h, uint64_t* k_words, float* out) {
   const LifConsts c{tau, v_threshold, 0.0f};  // v_reset 0 known here: "V - v_reset" folds away
   const int64_t Wd = words_for(d);
@@ -412,9 +406,13 @@ bool token_rows_forward(const float* q, const float* p, const float* k, int64_t 
   }
   return bad;
 }
+SPIKEOPS_SIMD_VARIANTS(, bool, token_rows_forward,
+                       (const float* q, const float* p, const float* k, int64_t rows, int64_t d, float tau,
+                        float v_threshold, Scratch& s, float* h, uint64_t* k_words, float* out),
+                       (q, p, k, rows, d, tau, v_threshold, s, h, k_words, out))
 
-SPIKEOPS_TOKEN_CLONES
-void token_rows_backward(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
+static inline __attribute__((always_inline)) void
+token_rows_backward_body(const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
                          float v_threshold, Scratch& s, float* grad_s, float* grad_k) {
   const LifConsts c{tau, v_threshold, 0.0f};
   const int64_t Wd = words_for(d);
@@ -433,6 +431,10 @@ void token_rows_backward(const float* g, const uint64_t* k_words, const float* h
     }
   }
 }
+SPIKEOPS_SIMD_VARIANTS(, void, token_rows_backward,
+                       (const float* g, const uint64_t* k_words, const float* h, int64_t rows, int64_t d, float tau,
+                        float v_threshold, Scratch& s, float* grad_s, float* grad_k),
+                       (g, k_words, h, rows, d, tau, v_threshold, s, grad_s, grad_k))
 
 // acc[i] += x[i] (+ y[i] where y) for the L values of a row; true if one is not 0/1.
 inline __attribute__((always_inline)) bool add_rows(const float* x, const float* y, int64_t L, float* acc) {
@@ -451,16 +453,19 @@ inline __attribute__((always_inline)) bool add_rows(const float* x, const float*
   return bad;
 }
 
-SPIKEOPS_TOKEN_CLONES
-bool cf_sums(const float* q, const float* p, int64_t d, int64_t ld, int64_t L, CfScratch& s) {
+static inline __attribute__((always_inline)) bool
+cf_sums_body(const float* q, const float* p, int64_t d, int64_t ld, int64_t L, CfScratch& s) {
   bool bad = false;
   std::fill(s.sum, s.sum + L, 0.0f);
   for (int64_t r = 0; r < d; ++r) bad |= add_rows(q + r * ld, p ? p + r * ld : nullptr, L, s.sum);
   return bad;
 }
+SPIKEOPS_SIMD_VARIANTS(, bool, cf_sums,
+                       (const float* q, const float* p, int64_t d, int64_t ld, int64_t L, CfScratch& s),
+                       (q, p, d, ld, L, s))
 
-SPIKEOPS_TOKEN_CLONES
-bool cf_step_forward(const float* qn, const float* pn, const float* k, int64_t d, int64_t ld, int64_t L, float tau,
+static inline __attribute__((always_inline)) bool
+cf_step_forward_body(const float* qn, const float* pn, const float* k, int64_t d, int64_t ld, int64_t L, float tau,
                      float v_threshold, CfScratch& s, float* h, uint64_t* k_words, int64_t Wn, float* out) {
   const LifConsts c{tau, v_threshold, 0.0f};
   bool bad = false;
@@ -482,6 +487,10 @@ bool cf_step_forward(const float* qn, const float* pn, const float* k, int64_t d
   if (qn) std::copy(s.next, s.next + L, s.sum);
   return bad;
 }
+SPIKEOPS_SIMD_VARIANTS(, bool, cf_step_forward,
+                       (const float* qn, const float* pn, const float* k, int64_t d, int64_t ld, int64_t L, float tau,
+                        float v_threshold, CfScratch& s, float* h, uint64_t* k_words, int64_t Wn, float* out),
+                       (qn, pn, k, d, ld, L, tau, v_threshold, s, h, k_words, Wn, out))
 
 // acc[i] += g[i] where bit i of the row's words is set, for the L values of a row (eight tokens a
 // vector; dout * k for 0/1 k).
@@ -500,16 +509,19 @@ inline __attribute__((always_inline)) void add_masked_row(const float* g, const 
   }
 }
 
-SPIKEOPS_TOKEN_CLONES
-void cf_grad_sums(const float* g, const uint64_t* k_words, int64_t Wn, int64_t d, int64_t ld, int64_t L,
-                  CfScratch& s) {
+static inline __attribute__((always_inline)) void
+cf_grad_sums_body(const float* g, const uint64_t* k_words, int64_t Wn, int64_t d, int64_t ld, int64_t L, CfScratch& s) {
   std::fill(s.sum, s.sum + L, 0.0f);
   for (int64_t r = 0; r < d; ++r) add_masked_row(g + r * ld, k_words + r * Wn, L, s.sum);
 }
+SPIKEOPS_SIMD_VARIANTS(, void, cf_grad_sums,
+                       (const float* g, const uint64_t* k_words, int64_t Wn, int64_t d, int64_t ld, int64_t L,
+                        CfScratch& s), (g, k_words, Wn, d, ld, L, s))
 
-SPIKEOPS_TOKEN_CLONES
-void cf_step_backward(const float* gn, const uint64_t* kn_words, const float* g, int64_t Wn, const float* h, int64_t d,
-                      int64_t ld, int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s, float* grad_k) {
+static inline __attribute__((always_inline)) void
+cf_step_backward_body(const float* gn, const uint64_t* kn_words, const float* g, int64_t Wn, const float* h,
+                      int64_t d, int64_t ld, int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s,
+                      float* grad_k) {
   const LifConsts c{tau, v_threshold, 0.0f};
   for (int64_t i = 0; i < L; ++i) {
     const float dist = lif_distance(h[i], c);
@@ -525,6 +537,10 @@ void cf_step_backward(const float* gn, const uint64_t* kn_words, const float* g,
   }
   if (gn) std::copy(s.next, s.next + L, s.sum);
 }
+SPIKEOPS_SIMD_VARIANTS(, void, cf_step_backward,
+                       (const float* gn, const uint64_t* kn_words, const float* g, int64_t Wn, const float* h,
+                        int64_t d, int64_t ld, int64_t L, float tau, float v_threshold, CfScratch& s, float* grad_s,
+                        float* grad_k), (gn, kn_words, g, Wn, h, d, ld, L, tau, v_threshold, s, grad_s, grad_k))
 
 }  // namespace
 }  // namespace cpu
