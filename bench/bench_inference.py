@@ -6,7 +6,8 @@ multi-step LIF, the fused SSA / token attention; BatchNorm, Linear and conv are 
 ``LIFNode``s). Reported per build: median (and min) ms per batch of round-robin timed calls,
 images/s, the speed-up against ``torch`` and ``spikingjelly``, and the largest difference of its
 logits from the ``torch`` build's (0 when every spike matched). Same cases and batch sizes as the
-training step (``--shapes cifar,v2``; ``v2_512`` on CUDA). ``--amp bf16|fp16`` runs under autocast.
+training step (``--shapes cifar,v2``; ``v2_512`` on CUDA). ``--amp bf16|fp16`` runs under autocast; run by
+``bench.run``, fp32 and, on a CPU with AMX tiles, bf16 autocast too.
 
 A freshly initialised model in eval mode is silent (BatchNorm's running statistics are still 0 / 1,
 so almost no neuron reaches threshold), which would time a network without spikes. The running
@@ -67,10 +68,9 @@ def firing_rate(model, x) -> float:
     return counts[0] / max(counts[1], 1)
 
 
-def bench_case(key: str, dev: torch.device, args) -> dict:
+def bench_case(key: str, dev: torch.device, args, amp: str = "off") -> dict:
     case = ts.CASES[key]
     batch = case["batch"][dev.type]
-    amp = ts.amp_of(args)
     dtype = ts.AMP_DTYPES[amp]
     models = ts.builds(case, dev)
     calibrate(models["spikeops"], case, batch, dev)
@@ -117,16 +117,17 @@ def table(results: dict) -> str:
 
 def run(args) -> None:
     H.configure_malloc(args.malloc)
-    amp = ts.amp_of(args)
     for dev in H.devices(args.device):
-        results = {}
-        for key in ts.wanted_cases(dev, args.shapes):
-            print(f"  {key}: {ts.CASES[key]['model']} inference on {dev} ...", flush=True)
-            results[key] = bench_case(key, dev, args)
-        if results:
-            print(table(results))
-            payload = {**H.run_header(dev), "amp": amp, "results": results}
-            print(f"  wrote {H.write_json(ts.result_name('inference', dev, amp), payload)}")
+        for amp in ts.amps_of(args, dev):
+            results = {}
+            for key in ts.wanted_cases(dev, args.shapes):
+                print(f"  {key}: {ts.CASES[key]['model']} inference on {dev}{'' if amp == 'off' else ', ' + amp} ...",
+                      flush=True)
+                results[key] = bench_case(key, dev, args, amp)
+            if results:
+                print(table(results))
+                payload = {**H.run_header(dev), "amp": amp, "results": results}
+                print(f"  wrote {H.write_json(ts.result_name('inference', dev, amp), payload)}")
 
 
 if __name__ == "__main__":

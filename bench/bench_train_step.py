@@ -23,6 +23,7 @@ memory vs ``torch``.
 
 ``--amp bf16`` / ``--amp fp16`` runs forward and loss under ``torch.autocast`` (fp16 with a
 ``GradScaler``), as ``spikeops.train --amp`` does; results then go to ``train_step_<device>_<amp>.*``.
+Run by ``bench.run`` (``make bench``), it measures fp32 and, on a CPU with AMX tiles, bf16 autocast too.
 
 Cases (``--shapes``): ``cifar`` = spikformer_cifar_4_384, T=4, 32x32, batch 16 (CPU) / 64 (CUDA);
 ``v2`` = spikformer_v2_8_384 at 64x64 (reduced from 224), T=4, batch 8 / 32; ``v2_512`` (CUDA only)
@@ -91,9 +92,15 @@ def random_batch(case: dict, batch: int, model: nn.Module, dev: torch.device) ->
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_of(args) -> str:
-    """The ``--amp`` choice ("off" when run by bench.run, which hands over the shared flags only)."""
-    return getattr(args, "amp", "off")
+def amps_of(args, dev: torch.device) -> list[str]:
+    """The autocast settings to run on ``dev``: the ``--amp`` choice, or when run by bench.run (which
+    hands over the shared flags only) fp32, and on a CPU with AMX tiles also bf16 autocast: there
+    its matmuls run on AMX, the CPU setting in which the step depends least on the matmuls and
+    convolutions both builds share."""
+    if hasattr(args, "amp"):
+        return [args.amp]
+    amx = dev.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return ["off", "bf16"] if amx else ["off"]
 
 
 def wanted_cases(dev: torch.device, shapes: str) -> list[str]:
@@ -175,12 +182,11 @@ def target_summary(key: str, r: dict, device_type: str) -> str:
     return "; ".join(met)
 
 
-def bench_case(key: str, dev: torch.device, args) -> dict:
+def bench_case(key: str, dev: torch.device, args, amp: str = "off") -> dict:
     case = CASES[key]
     batch = case["batch"][dev.type]
     models = builds(case, dev)
     x, y = random_batch(case, batch, models["spikeops"], dev)
-    amp = amp_of(args)
     steps = {n: train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4), x, y, amp) for n, m in models.items()}
     dtype = AMP_DTYPES[amp]
     reps = max(3, min(args.repeats, 5)) if dev.type == "cpu" else max(5, args.repeats // 2)
@@ -262,22 +268,23 @@ def chart(results: dict, path) -> None:
 def run(args) -> None:
     H.configure_malloc(args.malloc)
     for dev in H.devices(args.device):
-        results = {}
-        for key in wanted_cases(dev, args.shapes):
-            print(f"  {key}: {CASES[key]['model']} on {dev} ...", flush=True)
-            results[key] = bench_case(key, dev, args)
-        if not results:
-            continue
-        print(table(results))
-        for key, res in results.items():
-            r = res["builds"].get("spikeops", {})
-            if "speedup_vs_torch" in r:
-                print(f"  {key}: {target_summary(key, r, dev.type)}")
-        amp = amp_of(args)
-        path = H.write_json(result_name("train_step", dev, amp), {**H.run_header(dev), "amp": amp, "results": results})
-        png = path.with_suffix(".png")
-        chart(results, png)
-        print(f"  wrote {path} and {png}")
+        for amp in amps_of(args, dev):
+            results = {}
+            for key in wanted_cases(dev, args.shapes):
+                print(f"  {key}: {CASES[key]['model']} on {dev}{'' if amp == 'off' else ', ' + amp} ...", flush=True)
+                results[key] = bench_case(key, dev, args, amp)
+            if not results:
+                continue
+            print(table(results))
+            for key, res in results.items():
+                r = res["builds"].get("spikeops", {})
+                if "speedup_vs_torch" in r:
+                    print(f"  {key}: {target_summary(key, r, dev.type)}")
+            path = H.write_json(result_name("train_step", dev, amp),
+                                {**H.run_header(dev), "amp": amp, "results": results})
+            png = path.with_suffix(".png")
+            chart(results, png)
+            print(f"  wrote {path} and {png}")
 
 
 if __name__ == "__main__":
