@@ -68,7 +68,7 @@ def firing_rate(model, x) -> float:
     return counts[0] / max(counts[1], 1)
 
 
-def bench_case(key: str, dev: torch.device, args, amp: str = "off") -> dict:
+def bench_case(key: str, dev: torch.device, args, amp: str) -> dict:
     case = ts.CASES[key]
     batch = case["batch"][dev.type]
     dtype = ts.AMP_DTYPES[amp]

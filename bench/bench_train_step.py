@@ -182,7 +182,7 @@ def target_summary(key: str, r: dict, device_type: str) -> str:
     return "; ".join(met)
 
 
-def bench_case(key: str, dev: torch.device, args, amp: str = "off") -> dict:
+def bench_case(key: str, dev: torch.device, args, amp: str) -> dict:
     case = CASES[key]
     batch = case["batch"][dev.type]
     models = builds(case, dev)

@@ -90,7 +90,6 @@ inline int window_pixels(const Window& R, const Window& Cw, int64_t oy, int64_t 
   return static_cast<int>(pixels.size());
 }
 
-
 // The channels-last loops take E: float, uint16_t (bf16 bits, float_staging.h), c10::Half or
 // double, and compute in A: float, or double for double (the maximum is one of the inputs: exact).
 template <typename E>

@@ -87,8 +87,8 @@ unpack_word_body(uint64_t bits, int64_t m, Bits one, Bits* dst) {
   }
   for (; j < m; ++j) dst[j] = ((bits >> j) & 1u) ? one : Bits{0};
 }
-SPIKEOPS_SIMD_VARIANTS_T((typename Bits), (Bits), void, unpack_word, (uint64_t bits, int64_t m, Bits one, Bits* dst),
-                         (bits, m, one, dst))
+SPIKEOPS_SIMD_VARIANTS(template <typename Bits>, void, unpack_word, (uint64_t bits, int64_t m, Bits one, Bits* dst),
+                       (bits, m, one, dst))
 
 template <typename scalar_t>
 void unpack_word(uint64_t bits, int64_t m, scalar_t* dst) {
